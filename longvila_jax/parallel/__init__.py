@@ -1,0 +1,1 @@
+"""Sequence parallelism: device meshes, Ulysses all-to-all, zigzag ring attention and 2D layouts."""
