@@ -1,8 +1,8 @@
 """Typed configuration: frozen dataclasses as the schema, YAML as instances, dotted overrides.
 
 Every config class in the project is a frozen dataclass. ``from_dict`` builds one from plain data
-(YAML or JSON), rejecting unknown keys and wrongly typed values with a ``ConfigError`` that names the
-dotted field path; ``__post_init__`` hooks raise ``ConfigError`` for semantic checks and
+(YAML or JSON), rejecting unknown keys and wrongly typed values with a ``ConfigError`` that names
+the dotted field path; ``__post_init__`` hooks raise ``ConfigError`` for semantic checks and
 ``from_dict`` prefixes their messages with the path of the offending sub-config. Validation uses
 exceptions, never ``assert``, so it also runs under ``python -O``.
 """
@@ -62,6 +62,9 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
+        options = [a for a in args if a is not type(None)]
+        if len(options) == 1:  # Optional[X]: report X's own error and path
+            return _coerce(options[0], value, path)
         errors = []
         for arg in args:
             if arg is type(None):
@@ -92,7 +95,10 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
             item_types = list(args)
         else:
             item_types = [args[0] if args else Any] * len(value)
-        return tuple(_coerce(t, v, f"{path}[{i}]") for i, (t, v) in enumerate(zip(item_types, value)))
+        return tuple(
+            _coerce(t, v, f"{path}[{i}]")
+            for i, (t, v) in enumerate(zip(item_types, value, strict=True))
+        )
     if origin in (dict, Mapping) or tp is dict:
         if not isinstance(value, Mapping):
             raise ConfigError(path, f"expected a mapping, got {value!r}")
@@ -174,7 +180,7 @@ def to_dict(cfg: Any) -> Any:
 
 
 def parse_override(item: str) -> tuple[str, Any]:
-    """Parses one ``a.b.c=value`` override; the value is read as YAML (``1e-5``, ``[1, 2]``, ``true``)."""
+    """Parses one ``a.b.c=value`` override; the value is YAML (``1e-5``, ``[1, 2]``, ``true``)."""
     key, sep, raw = item.partition("=")
     key = key.strip()
     if not sep or not key:

@@ -24,7 +24,7 @@ RematPolicy = Literal[
 
 @dataclass(frozen=True)
 class VisionConfig:
-    """SigLIP vision transformer (HF ``SiglipVisionConfig`` fields plus VILA's feature selection)."""
+    """SigLIP vision transformer: HF ``SiglipVisionConfig`` fields plus VILA's feature selection."""
 
     image_size: int = 384
     patch_size: int = 14

@@ -53,7 +53,7 @@ def attention_mask(
     kv_positions: jax.Array,
     causal: bool,
 ) -> jax.Array:
-    """Boolean visibility [batch, q_len, kv_len]: same non-zero segment and (causal) kv pos <= q pos."""
+    """Visibility [batch, q_len, kv_len]: same non-zero segment and (causal) kv pos <= q pos."""
     mask = (q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]) & (
         q_segment_ids[:, :, None] != 0
     )
@@ -110,7 +110,7 @@ def dense_attention(
     causal: bool,
     scale: float,
 ) -> jax.Array:
-    """The default ``AttentionFn``: dense, single device, fp32 softmax. Shapes as ``AttentionFn``."""
+    """The default ``AttentionFn``: dense, one device, fp32 softmax; shapes as ``AttentionFn``."""
     out, _ = dense_attention_with_lse(
         q, k, v, segment_ids=segment_ids, positions=positions, causal=causal, scale=scale
     )
