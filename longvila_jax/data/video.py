@@ -1,0 +1,220 @@
+"""Video decoding with PyAV: the LongVILA frame-sampling rule, sequential or seeking decode.
+
+Sampling follows ``llava/mm_utils.py`` (``opencv_extract_frames`` and
+``get_frame_from_vcap_with_fps``): ``num_frames`` indices from ``linspace(0, frame_count - 1)``,
+unless ``max_fps > 0`` and the video lasts less than ``num_frames / max_fps`` seconds, in which
+case about ``max_fps`` frames per second are taken. With sequence parallelism the count is then
+rounded down to a multiple of ``sp_degree`` (256 -> 252 for SP 14, as the original collator does);
+unlike the original, which drops the last frames, the reduced count is re-spread uniformly so the
+end of the video is still seen.
+
+Decoding is sequential when samples are dense (mean gap <= ``seek_gap_frames``, about one GOP)
+and seeks per frame otherwise; frames are converted to RGB and resized (bicubic) by libswscale in
+the same call. Every failure raises ``SampleSkipped`` with a reason from ``skips.REASONS``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import stat
+from pathlib import Path
+
+import av
+import numpy as np
+
+from longvila_jax.data.skips import SampleSkipped
+
+
+def sample_indices(
+    frame_count: int,
+    fps: float,
+    num_frames: int,
+    max_fps: float = 0.0,
+    sp_degree: int = 1,
+    min_frames: int = 1,
+) -> np.ndarray:
+    """Frame indices to decode.
+
+    Args:
+      frame_count: frames in the video.
+      fps: frames per second of the video (used only when ``max_fps > 0``).
+      num_frames: frames wanted (``num_video_frames``).
+      max_fps: upper bound on sampled frames per second; 0 disables it.
+      sp_degree: the count is rounded down to a multiple of this.
+      min_frames: fewer usable frames than this is an error.
+
+    Returns:
+      int64 [n] non-decreasing indices in ``[0, frame_count)``, n a multiple of ``sp_degree``.
+
+    Raises:
+      SampleSkipped: ``too_few_frames`` when the video or the rounded count is too short.
+    """
+    if frame_count < max(min_frames, 1):
+        raise SampleSkipped("too_few_frames", f"{frame_count} frames < min {min_frames}")
+    n = num_frames
+    if max_fps > 0 and frame_count / fps < num_frames / max_fps:
+        n = min(num_frames, max(1, int(frame_count / fps * max_fps)))
+    n = (n // sp_degree) * sp_degree
+    if n < max(min_frames, sp_degree, 1):
+        raise SampleSkipped(
+            "too_few_frames", f"{n} sampled frames (sp_degree {sp_degree}, min {min_frames})"
+        )
+    return np.round(np.linspace(0, frame_count - 1, n)).astype(np.int64)
+
+
+def _check_file(path: Path) -> None:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise SampleSkipped("missing_file", str(path)) from None
+    # Only regular files can be judged by size; pipes and devices go to the (sandboxed) decoder.
+    if stat.S_ISREG(st.st_mode) and st.st_size == 0:
+        raise SampleSkipped("empty_file", str(path))
+
+
+def _probe(container, path: Path, fps_hint: float | None, count_hint: int | None):
+    if not container.streams.video:
+        raise SampleSkipped("no_video_stream", str(path))
+    stream = container.streams.video[0]
+    fps = fps_hint if fps_hint is not None else float(stream.average_rate or 0)
+    if not math.isfinite(fps) or fps <= 0:
+        raise SampleSkipped("bad_fps", f"{path}: fps {fps}")
+    count = count_hint if count_hint is not None else int(stream.frames or 0)
+    if count <= 0 and stream.duration and stream.time_base:
+        count = int(round(float(stream.duration * stream.time_base) * fps))
+    if count <= 0:
+        # No usable metadata: count packets (demux only, no decoding).
+        count = sum(1 for p in container.demux(stream) if p.size)
+        container.seek(0, stream=stream)
+    if count <= 0:
+        raise SampleSkipped("no_frames", f"{path}: the video stream holds no frames")
+    return stream, fps, count
+
+
+def _rgb(frame, size: int) -> np.ndarray:
+    return frame.to_ndarray(width=size, height=size, format="rgb24", interpolation="BICUBIC")
+
+
+def _decode_sequential(container, stream, indices: np.ndarray, size: int, path: Path):
+    wanted = {int(j) for j in indices}
+    last = max(wanted)
+    out: dict[int, np.ndarray] = {}
+    decoded = 0
+    try:
+        for i, frame in enumerate(container.decode(stream)):
+            decoded = i + 1
+            if i in wanted:
+                out[i] = _rgb(frame, size)
+            if i >= last:
+                break
+    except av.FFmpegError as e:
+        if decoded == 0:
+            raise SampleSkipped("no_frames", f"{path}: zero decodable frames ({e})") from None
+        raise
+    if decoded == 0:
+        raise SampleSkipped("no_frames", f"{path}: zero decodable frames")
+    if len(out) < len(wanted):
+        raise SampleSkipped(
+            "frame_count_mismatch",
+            f"{path}: stream ended after {decoded} frames, needed {last + 1}",
+        )
+    return np.stack([out[int(j)] for j in indices])
+
+
+def _decode_seeking(container, stream, indices: np.ndarray, fps: float, size: int, path: Path):
+    start = stream.start_time or 0
+    out: dict[int, np.ndarray] = {}
+    for j in np.unique(indices):
+        target = start + int(round(int(j) / fps / float(stream.time_base)))
+        container.seek(target, stream=stream, backward=True, any_frame=False)
+        got = None
+        try:
+            for frame in container.decode(stream):
+                if frame.pts is not None and frame.pts >= target:
+                    got = frame
+                    break
+        except av.FFmpegError as e:
+            if not out:
+                raise SampleSkipped("no_frames", f"{path}: zero decodable frames ({e})") from None
+            raise
+        if got is None:
+            if not out:
+                raise SampleSkipped("no_frames", f"{path}: nothing decodable at frame {j}")
+            raise SampleSkipped("frame_count_mismatch", f"{path}: frame {j} not in the stream")
+        out[int(j)] = _rgb(got, size)
+    return np.stack([out[int(j)] for j in indices])
+
+
+def decode_video(
+    path: str | os.PathLike,
+    size: int,
+    num_frames: int,
+    max_fps: float = 0.0,
+    sp_degree: int = 1,
+    min_frames: int = 2,
+    seek_gap_frames: int = 60,
+    fps_hint: float | None = None,
+    frame_count_hint: int | None = None,
+    threads: int = 0,
+) -> np.ndarray:
+    """Samples and decodes frames of one video (in this process, no timeout).
+
+    Args:
+      path: video file.
+      size: output side in pixels.
+      num_frames, max_fps, sp_degree, min_frames: see ``sample_indices``.
+      seek_gap_frames: seek per frame when the mean index gap exceeds this.
+      fps_hint, frame_count_hint: manifest ``fps`` / ``frame_count``, trusted over the container.
+      threads: decoder threads (0: FFmpeg's choice, 1: single core).
+
+    Returns:
+      uint8 [n, size, size, 3], n a multiple of ``sp_degree``.
+
+    Raises:
+      SampleSkipped: for every kind of bad video.
+    """
+    path = Path(path)
+    _check_file(path)
+    try:
+        container = av.open(str(path), "r")
+    except (av.FFmpegError, OSError, UnicodeDecodeError) as e:
+        raise SampleSkipped("unreadable_video", f"{path}: {type(e).__name__}: {e}") from None
+    try:
+        stream, fps, count = _probe(container, path, fps_hint, frame_count_hint)
+        if threads:
+            stream.thread_count = threads
+        else:
+            stream.thread_type = "AUTO"
+        idx = sample_indices(count, fps, num_frames, max_fps, sp_degree, min_frames)
+        gap = (idx[-1] - idx[0]) / max(len(idx) - 1, 1)
+        if gap > seek_gap_frames:
+            return _decode_seeking(container, stream, idx, fps, size, path)
+        return _decode_sequential(container, stream, idx, size, path)
+    except av.FFmpegError as e:
+        raise SampleSkipped("unreadable_video", f"{path}: {type(e).__name__}: {e}") from None
+    finally:
+        container.close()
+
+
+def write_video(
+    path: str | os.PathLike, frames: np.ndarray, fps: int = 8, codec: str = "libx264", gop: int = 16
+) -> None:
+    """Encodes uint8 [n, H, W, 3] RGB frames (H, W even) to an mp4 (synthetic data and tests)."""
+    n, h, w, _ = frames.shape
+    with av.open(str(path), "w") as c:
+        s = c.add_stream(codec, rate=fps)
+        s.width, s.height, s.pix_fmt = w, h, "yuv420p"
+        s.gop_size = gop
+        if codec == "libx264":
+            s.options = {"crf": "12", "g": str(gop), "preset": "veryfast"}
+        else:  # mpeg4's default bit rate blurs small synthetic glyphs
+            s.bit_rate = 4_000_000
+        for img in frames:
+            for p in s.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(img), "rgb24")):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+
+
+__all__ = ["decode_video", "sample_indices", "write_video"]

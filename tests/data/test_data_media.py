@@ -1,0 +1,199 @@
+"""Video sampling and decoding (PyAV), image loading (Pillow), the decode sandbox, and synthetic
+media whose answers are readable from decoded frames."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import time
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from longvila_jax.data import glyphs
+from longvila_jax.data.image import load_image, normalize
+from longvila_jax.data.sandbox import DecodeSandbox
+from longvila_jax.data.skips import SampleSkipped
+from longvila_jax.data.video import decode_video, sample_indices, write_video
+
+
+def test_sample_indices_uniform():
+    np.testing.assert_array_equal(sample_indices(100, 25.0, 4), [0, 33, 66, 99])
+    np.testing.assert_array_equal(sample_indices(9, 25.0, 3), [0, 4, 8])
+
+
+def test_sample_indices_max_fps():
+    # 40 frames at 8 fps = 5 s < 16 / 2 s: about 2 frames per second, 10 frames.
+    np.testing.assert_array_equal(
+        sample_indices(40, 8.0, 16, max_fps=2.0), np.round(np.linspace(0, 39, 10))
+    )
+    # Long enough: exactly num_frames.
+    assert len(sample_indices(400, 8.0, 16, max_fps=2.0)) == 16
+
+
+@pytest.mark.parametrize(
+    ("n", "sp", "want"),
+    [(256, 14, 252), (512, 14, 504), (1024, 28, 1008), (2048, 28, 2044), (8, 3, 6), (8, 1, 8)],
+)
+def test_sample_indices_sp_rounding(n, sp, want):
+    idx = sample_indices(5000, 30.0, n, sp_degree=sp)
+    assert len(idx) == want
+    assert idx[0] == 0 and idx[-1] == 4999  # still spans the whole video
+
+
+def test_sample_indices_too_short():
+    with pytest.raises(SampleSkipped, match="too_few_frames"):
+        sample_indices(1, 8.0, 8, min_frames=2)
+    with pytest.raises(SampleSkipped, match="too_few_frames"):
+        sample_indices(100, 8.0, 8, max_fps=0.1, sp_degree=2)
+
+
+def _numbered_video(path, n=48, size=64, gop=12, codec="libx264"):
+    frames = np.stack([glyphs.render_number(f"{i:02d}", size, (40, 90, 200)) for i in range(n)])
+    write_video(path, frames, fps=8, codec=codec, gop=gop)
+
+
+@pytest.mark.parametrize("codec", ["libx264", "mpeg4"])
+def test_decode_frames_are_the_sampled_ones(tmp_path, codec):
+    path = tmp_path / "v.mp4"
+    _numbered_video(path, codec=codec)
+    seq = decode_video(path, 64, 6, seek_gap_frames=1000)
+    seek = decode_video(path, 64, 6, seek_gap_frames=1)
+    want = [f"{i:02d}" for i in np.round(np.linspace(0, 47, 6)).astype(int)]
+    assert [glyphs.read_number(f, 2) for f in seq] == want
+    np.testing.assert_array_equal(seq, seek)  # frame-exact seeking
+
+
+def test_decode_resize_and_hints(tmp_path):
+    path = tmp_path / "v.mp4"
+    _numbered_video(path, n=20)
+    out = decode_video(path, 32, 4, frame_count_hint=20, fps_hint=8.0)
+    assert out.shape == (4, 32, 32, 3) and out.dtype == np.uint8
+    with pytest.raises(SampleSkipped, match="frame_count_mismatch"):
+        decode_video(path, 32, 4, frame_count_hint=200)
+    for bad in (0.0, float("nan")):
+        with pytest.raises(SampleSkipped, match="bad_fps"):
+            decode_video(path, 32, 4, fps_hint=bad)
+
+
+def test_normalize_matches_siglip_formula():
+    x = np.arange(256, dtype=np.uint8).reshape(1, 16, 16, 1).repeat(3, -1)
+    want = (x.astype(np.float64) / 255.0 - 0.5) / 0.5
+    np.testing.assert_allclose(normalize(x), want, atol=1e-6)
+    assert normalize(x).dtype == np.float32
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "CMYK", "P", "LA", "I;16"])
+def test_image_modes(tmp_path, mode):
+    rgb = Image.fromarray(glyphs.render_number("5", 32, (200, 40, 40)))
+    path = tmp_path / ("x.tiff" if mode == "CMYK" else "x.png")
+    if mode == "I;16":
+        gray = np.asarray(rgb.convert("L"), dtype=np.uint16) * 257
+        Image.fromarray(gray).save(path)
+    else:
+        rgb.convert(mode).save(path)
+    out = load_image(path, 32)
+    assert out.shape == (32, 32, 3) and out.dtype == np.uint8
+    assert glyphs.read_number(out, 1) == "5"
+    if mode == "I;16":  # rescaled from 16 bits, not clipped to white
+        want = np.asarray(rgb.convert("L"))
+        assert np.abs(out[..., 0].astype(int) - want).max() <= 1
+
+
+def _png_header_only(path, w, h):
+    def chunk(kind, data):
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b""))
+
+
+def test_decompression_bomb_default_limit(tmp_path):
+    bomb = tmp_path / "bomb.png"
+    _png_header_only(bomb, 40000, 40000)  # 1.6 G pixels > Pillow's default 89 M
+    t = time.perf_counter()
+    with pytest.raises(SampleSkipped, match="image_too_large"):
+        load_image(bomb, 32)
+    assert time.perf_counter() - t < 1.0
+    assert Image.MAX_IMAGE_PIXELS == 89478485  # the default guard is left on
+    ok = tmp_path / "ok.png"
+    Image.new("RGB", (64, 64)).save(ok)
+    with pytest.raises(SampleSkipped, match="image_too_large"):
+        load_image(ok, 32, max_pixels=1000)
+
+
+def test_corrupt_image(tmp_path):
+    p = tmp_path / "c.png"
+    Image.new("RGB", (64, 64), (1, 2, 3)).save(p)
+    p.write_bytes(p.read_bytes()[:60])
+    with pytest.raises(SampleSkipped, match="corrupt_image"):
+        load_image(p, 32)
+
+
+@pytest.mark.slow
+def test_sandbox_timeout_kills_and_recovers(tmp_path):
+    path = tmp_path / "v.mp4"
+    _numbered_video(path, n=12)
+    fifo = tmp_path / "hang.mp4"
+    os.mkfifo(fifo)  # opening it blocks forever: a decoder that hangs
+    sb = DecodeSandbox(timeout_s=2.0)
+    try:
+        ref = sb.decode(path=str(path), size=32, num_frames=4)
+        pid = sb.pid
+        t = time.perf_counter()
+        with pytest.raises(SampleSkipped, match="decode_timeout"):
+            sb.decode(path=str(fifo), size=32, num_frames=4)
+        assert 1.9 < time.perf_counter() - t < 4.0
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)  # the hung child is gone
+        np.testing.assert_array_equal(sb.decode(path=str(path), size=32, num_frames=4), ref)
+        with pytest.raises(SampleSkipped, match="missing_file"):
+            sb.decode(path=str(tmp_path / "none.mp4"), size=32, num_frames=4)
+    finally:
+        sb.close()
+
+
+def test_synthetic_answers_visible(corpus):
+    short = json.loads((corpus / "videos_short.json").read_text())
+    for rec in short[:3]:
+        frames = decode_video(corpus / rec["video"], 32, 4)
+        answer = rec["conversations"][1]["value"]
+        assert {glyphs.read_number(f, len(answer)) for f in frames} == {answer}
+    rec = json.loads((corpus / "needle_eval.jsonl").read_text().splitlines()[0])
+    frames = decode_video(corpus / rec["video"], 32, 96)  # every frame
+    answer = rec["conversations"][1]["value"]
+    hits = [i for i, f in enumerate(frames) if glyphs.read_number(f, 2) == answer]
+    assert hits and abs(hits[0] / 96 - rec["depth"]) < 0.02
+    train = {
+        json.loads(line)["conversations"][1]["value"]
+        for line in (corpus / "needle_train.jsonl").read_text().splitlines()
+    }
+    assert answer not in train  # held-out needle numbers
+
+
+@pytest.mark.slow
+def test_sandbox_child_death_is_a_crash_skip(tmp_path):
+    import signal
+    import threading
+
+    path = tmp_path / "v.mp4"
+    _numbered_video(path, n=12)
+    fifo = tmp_path / "hang.mp4"
+    os.mkfifo(fifo)
+    sb = DecodeSandbox(timeout_s=20.0)
+    try:
+        ref = sb.decode(path=str(path), size=32, num_frames=4)
+        # Simulates a segfault mid-request: the child dies while the parent waits for it.
+        threading.Timer(0.5, os.kill, (sb.pid, signal.SIGKILL)).start()
+        t = time.perf_counter()
+        with pytest.raises(SampleSkipped, match="decoder_crash.*-9"):
+            sb.decode(path=str(fifo), size=32, num_frames=4)
+        assert time.perf_counter() - t < 10.0
+        np.testing.assert_array_equal(sb.decode(path=str(path), size=32, num_frames=4), ref)
+    finally:
+        sb.close()

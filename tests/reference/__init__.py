@@ -1,0 +1,1 @@
+"""PyTorch reference implementations used as independent test oracles."""
