@@ -22,11 +22,11 @@ import pytest
 import torch
 import transformers as tf
 from flax import nnx
+from reference.torch_projector import TorchProjector
 
 from longvila_jax.ckpt import mapping
 from longvila_jax.config import ModelConfig, load_config
 from longvila_jax.models.vlm import LongVILA
-from tests.reference.torch_projector import TorchProjector
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "model"
 FULL_SIZE = sorted(p.name for p in CONFIG_DIR.glob("*.yaml") if not p.name.startswith("tiny"))

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
+from reference.torch_projector import TorchProjector
 
 from longvila_jax.ckpt import mapping
 from longvila_jax.config.model import LLMConfig, ModelConfig, ProjectorConfig, VisionConfig
 from longvila_jax.models.projector import Projector, merge_patches
-from tests.reference.torch_projector import TorchProjector
 
 DV, D = 8, 16
 MERGING = ("mlp_downsample", "mlp_downsample_2x2_fix", "mlp_downsample_3x3_fix")

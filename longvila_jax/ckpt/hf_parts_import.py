@@ -1,0 +1,164 @@
+"""Stage-1 starting point: plain HF Llama/Qwen2 + SigLIP + a new random VILA projector.
+
+The LLM and vision-tower tensors stream exactly as in ``vila_import``; the projector is freshly
+initialised. The project checkpoint gets generated VILA glue (top-level ``config.json`` and
+``mm_projector/config.json``), so it exports to an ordinary VILA layout. A full SiglipModel
+(vision + text towers, as ``google/siglip-so400m-patch14-384`` ships) contributes only its
+vision half, saved as a ``SiglipVisionModel``, as VILA does.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from longvila_jax.ckpt import config_checks, hf_config, mapping
+from longvila_jax.ckpt.orbax_io import HF_DIR, atomic_dir, write_metadata
+from longvila_jax.ckpt.safetensors_io import DTYPE_NAMES, WeightSet
+from longvila_jax.ckpt.safetensors_writer import shard_plan
+from longvila_jax.ckpt.vila_import import (
+    SIGLIP_PREFIX,
+    component_record,
+    copy_aux_files,
+    dump_json,
+    flat_items,
+    hf_shape,
+    plan_component,
+    source_config,
+    write_params,
+)
+from longvila_jax.config.model import ModelConfig
+
+
+def _torch_dtype(dtype: str) -> str:
+    return {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}[dtype]
+
+
+def top_level_config(cfg: ModelConfig, configs: dict[str, dict]) -> dict:
+    """A ``llava_llama`` glue config.json for a model assembled from plain HF parts."""
+    return {
+        "architectures": ["LlavaLlamaModel"],
+        "model_type": "llava_llama",
+        "llm_cfg": configs["llm"],
+        "vision_tower_cfg": configs["vision_tower"],
+        "mm_projector_cfg": configs["mm_projector"],
+        "hidden_size": cfg.llm.hidden_size,
+        "mm_hidden_size": cfg.vision.hidden_size,
+        "mm_vision_select_layer": cfg.vision.select_layer,
+        "mm_vision_select_feature": "cls_patch",
+        "image_aspect_ratio": "resize",
+        "mm_use_im_start_end": False,
+        "mm_use_im_patch_token": False,
+        "model_dtype": f"torch.{_torch_dtype(cfg.param_dtype)}",
+        "resume_path": None,
+    }
+
+
+def import_hf_parts(
+    llm_dir: str | Path,
+    vision_dir: str | Path,
+    out: str | Path,
+    *,
+    projector_type: str,
+    overrides: Sequence[str] = (),
+    seed: int = 0,
+    progress: bool = False,
+) -> ModelConfig:
+    """Plain HF Llama/Qwen2 + SigLIP + a new random projector -> project checkpoint.
+
+    The tokenizer of ``llm_dir`` gets VILA's media tokens (``<image>``, ``<vila/video>``) when
+    it lacks them, as VILA does when it builds a model; the saved tokenizer then has them.
+    The exported layout is a VILA one (generated top-level and projector configs).
+    """
+    from flax import nnx
+
+    from longvila_jax.models.projector import Projector
+
+    data, source = hf_config.read_hf_parts(llm_dir, vision_dir, projector_type)
+    weights = {c: WeightSet(source.dirs[c]) for c in ("llm", "vision_tower")}
+    vision_cfg = source.configs["vision_tower"]
+    full_siglip = "vision_config" in vision_cfg
+    if full_siglip:
+        # A full SiglipModel (vision + text towers, e.g. google/siglip-so400m-patch14-384):
+        # VILA keeps only the vision half, saved as a SiglipVisionModel.
+        weights["vision_tower"].keep(lambda n: n.startswith(SIGLIP_PREFIX))
+        vision_cfg = {
+            **vision_cfg["vision_config"],
+            "architectures": ["SiglipVisionModel"],
+            "model_type": "siglip_vision_model",
+        }
+    tokenizer = hf_config.load_tokenizer_dir(source.dirs["llm"])
+    added = config_checks.image_token_id(tokenizer) is None
+    if added:
+        tokenizer.add_tokens(list(config_checks.MEDIA_TOKENS[:2]), special_tokens=True)
+    cfg = hf_config.build_config(data, tokenizer, weights, overrides)
+    plans = {c: plan_component(cfg, c, weights[c]) for c in ("llm", "vision_tower")}
+    with nnx.use_eager_sharding(False):
+        projector = Projector(cfg, rngs=nnx.Rngs(seed))
+    flat = dict(flat_items(nnx.to_pure_dict(nnx.state(projector))))
+    del projector
+    pdtype = DTYPE_NAMES[np.dtype(cfg.param_dtype)]
+    specs = []
+    for path, value in flat.items():
+        name = mapping.hf_name(cfg, "mm_projector", path, None)
+        tr = mapping.resolve(cfg, "mm_projector", name).transform
+        specs.append((name, pdtype, hf_shape(tr, value.shape)))
+    proj_plan = shard_plan(sorted(specs), None)
+    proj_config = {
+        "architectures": ["MultimodalProjector"],
+        "mm_projector_type": projector_type,
+        "model_type": "v2l_projector",
+        "torch_dtype": _torch_dtype(cfg.param_dtype),
+    }
+    with atomic_dir(out) as tmp:
+        files = [f"llm/{f}" for f in copy_aux_files(source.dirs["llm"], tmp / HF_DIR / "llm")]
+        vdir = tmp / HF_DIR / "vision_tower"
+        if full_siglip:
+            vdir.mkdir(parents=True)
+            dump_json(vdir / "config.json", vision_cfg)
+            files.append("vision_tower/config.json")
+            pre = source.dirs["vision_tower"] / "preprocessor_config.json"
+            if pre.is_file():
+                shutil.copyfile(pre, vdir / pre.name)
+                files.append(f"vision_tower/{pre.name}")
+        else:
+            files += [
+                f"vision_tower/{f}" for f in copy_aux_files(source.dirs["vision_tower"], vdir)
+            ]
+        if added:
+            tokenizer.save_pretrained(str(tmp / HF_DIR / "llm"))
+            files = sorted({*files, *(f"llm/{p.name}" for p in (tmp / HF_DIR / "llm").iterdir())})
+        (tmp / HF_DIR / "mm_projector").mkdir()
+        dump_json(tmp / HF_DIR / "mm_projector" / "config.json", proj_config)
+        configs = {**source.configs, "vision_tower": vision_cfg, "mm_projector": proj_config}
+        dump_json(tmp / HF_DIR / "config.json", top_level_config(cfg, configs))
+        files += ["mm_projector/config.json", "config.json"]
+        extra = [("mm_projector", p, np.asarray(v)) for p, v in flat.items()]
+        write_params(cfg, plans, tmp, progress, extra)
+        records = {c: component_record(p) for c, p in plans.items()}
+        records["mm_projector"] = {
+            "siglip_prefix": False,
+            "plan": proj_plan,
+            "index_text": None,
+            "unused": [],
+        }
+        write_metadata(
+            tmp,
+            cfg,
+            {
+                "source": {
+                    "layout": "hf_parts",
+                    "path": str(llm_dir),
+                    "vision_path": str(vision_dir),
+                    "top_file": "config.json",
+                    "notes": ["new random projector"],
+                },
+                "source_model_config": source_config(cfg, data),
+                "hf_files": files,
+                "components": records,
+            },
+        )
+    return cfg

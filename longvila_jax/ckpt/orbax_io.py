@@ -1,0 +1,273 @@
+"""The project checkpoint directory: ModelConfig YAML, Orbax params, provenance, HF files.
+
+Layout of ``<ckpt>/``::
+
+    model.yaml        ModelConfig (load with ``config.base.load_config``)
+    provenance.json   source layout, original configs' shard plans and dtypes, SigLIP spelling
+    hf/               verbatim (non-weight) files of the source: config.json, llm/tokenizer.json ...
+    unused/<c>.safetensors   real tensors the model does not use, kept for export
+    params/           Orbax (v1) pytree {"vision": ..., "projector": ..., "llm": ...} whose
+                      sub-trees are ``nnx.to_pure_dict(nnx.state(model.<attr>))``
+
+Params are written leaf by leaf with Orbax partial saves, so a converter never holds more than
+one (stacked) parameter; the result is an ordinary Orbax pytree checkpoint that restores whole,
+with any target sharding, via ``load_params``. The whole directory is built under a temporary
+sibling name and renamed into place at the end: on any error no output directory remains.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import shutil
+import uuid
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from longvila_jax.config.base import load_config, save_yaml
+from longvila_jax.config.model import ModelConfig
+
+MODEL_YAML = "model.yaml"
+PROVENANCE = "provenance.json"
+PARAMS = "params"
+HF_DIR = "hf"
+UNUSED_DIR = "unused"
+FORMAT = "longvila_jax.ckpt/1"
+# VILA sub-folder -> attribute of the LongVILA model (and top-level key of the params tree).
+ATTR = {"llm": "llm", "vision_tower": "vision", "mm_projector": "projector"}
+
+
+@contextlib.contextmanager
+def atomic_dir(out: str | Path) -> Iterator[Path]:
+    """Yields a temporary directory that becomes ``out`` only if the block succeeds.
+
+    Raises:
+      FileExistsError: ``out`` already exists (never overwritten).
+    """
+    out = Path(out)
+    if out.exists():
+        raise FileExistsError(f"{out} already exists; refusing to overwrite it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def release_freed_memory() -> None:
+    """Returns freed heap pages to the OS (glibc keeps them otherwise, inflating peak RSS)."""
+    with contextlib.suppress(OSError, AttributeError):  # not glibc
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def _nest(path: tuple[str, ...], value: Any) -> dict:
+    for key in reversed(path):
+        value = {key: value}
+    return value
+
+
+class ParamWriter:
+    """Adds parameter leaves to ``<ckpt>/params`` in bounded groups (Orbax partial saves).
+
+    Leaves are buffered until they reach ``group_bytes`` and then saved together, so memory
+    stays within about ``group_bytes`` plus one leaf while small leaves do not each pay the
+    cost of a separate save.
+    """
+
+    def __init__(self, ckpt_dir: str | Path, group_bytes: int = 16 << 20):
+        import orbax.checkpoint.experimental.v1 as ocp
+
+        self._ocp = ocp
+        self.path = Path(ckpt_dir) / PARAMS
+        self.group_bytes = group_bytes
+        self.count = 0
+        self._pending: dict = {}
+        self._pending_bytes = 0
+
+    def save(self, component: str, path: tuple[str, ...], value: np.ndarray) -> None:
+        """Queues leaf ``path`` of ``component`` ("llm", "vision_tower", "mm_projector")."""
+        value = np.asarray(value)
+        node = self._pending.setdefault(ATTR[component], {})
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = value
+        self._pending_bytes += value.nbytes
+        self.count += 1
+        if self._pending_bytes >= self.group_bytes:
+            self.flush()
+
+    def flush(self) -> None:
+        import jax
+
+        if self._pending:
+            # On the CPU backend device_put aliases a 64-byte aligned numpy buffer, and Orbax
+            # writes a jax array without another copy; handing it numpy costs two copies.
+            # The CPU device also keeps conversions off accelerator memory.
+            cpu = jax.local_devices(backend="cpu")[0]
+            self._ocp.partial.save(self.path, jax.device_put(self._pending, cpu))
+        self._pending, self._pending_bytes = {}, 0
+        release_freed_memory()
+
+    def finalize(self) -> None:
+        """Writes what is queued and commits the Orbax checkpoint."""
+        if self.count == 0:
+            raise ValueError(f"{self.path}: no parameters were written")
+        self.flush()
+        self._ocp.partial.finalize(self.path)
+
+
+def is_project_checkpoint(path: str | Path) -> bool:
+    path = Path(path)
+    return (path / MODEL_YAML).is_file() and (path / PARAMS).is_dir()
+
+
+def read_model_config(ckpt: str | Path, overrides=()) -> ModelConfig:
+    return load_config(ModelConfig, Path(ckpt) / MODEL_YAML, overrides)
+
+
+def read_provenance(ckpt: str | Path) -> dict:
+    data = json.loads((Path(ckpt) / PROVENANCE).read_text())
+    if data.get("format") != FORMAT:
+        raise ValueError(f"{ckpt}: unknown checkpoint format {data.get('format')!r}")
+    return data
+
+
+def write_metadata(tmp: Path, cfg: ModelConfig, provenance: Mapping) -> None:
+    save_yaml(cfg, tmp / MODEL_YAML)
+    (tmp / PROVENANCE).write_text(json.dumps({"format": FORMAT, **provenance}, indent=1) + "\n")
+
+
+def stored_tree(ckpt: str | Path) -> dict:
+    """Nested dict of the stored params: leaf -> (shape, numpy dtype). Reads metadata only."""
+    import orbax.checkpoint.experimental.v1 as ocp
+
+    meta = ocp.metadata(Path(ckpt) / PARAMS).metadata
+
+    def conv(node):
+        if isinstance(node, Mapping):
+            return {k: conv(v) for k, v in node.items()}
+        return (tuple(node.shape), np.dtype(node.dtype))
+
+    return conv(meta)
+
+
+def _leaves(tree: Mapping, prefix: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], Any]]:
+    for k, v in tree.items():
+        if isinstance(v, Mapping):
+            yield from _leaves(v, (*prefix, k))
+        else:
+            yield (*prefix, k), v
+
+
+def load_leaves(
+    ckpt: str | Path, component: str, paths: list[tuple[str, ...]], tree: Mapping | None = None
+) -> dict[tuple[str, ...], np.ndarray]:
+    """Loads some stored parameter leaves as numpy in their stored dtype (the rest is skipped).
+
+    Args:
+      ckpt: project checkpoint.
+      component: "llm", "vision_tower" or "mm_projector".
+      paths: leaf paths inside the component.
+      tree: ``stored_tree(ckpt)`` when the caller already has it.
+    """
+    import orbax.checkpoint.experimental.v1 as ocp
+
+    tree = tree if tree is not None else stored_tree(ckpt)
+    wanted = {(ATTR[component], *p) for p in paths}
+
+    def target(p, spec):
+        return np.empty(spec[0], spec[1]) if p in wanted else ocp.PLACEHOLDER
+
+    out = ocp.load(Path(ckpt) / PARAMS, _map_with_path(tree, target))
+    result = {}
+    for p in paths:
+        node = out[ATTR[component]]
+        for key in p:
+            node = node[key]
+        result[p] = node
+    return result
+
+
+def _map_with_path(tree: Mapping, fn, prefix: tuple[str, ...] = ()) -> dict:
+    return {
+        k: _map_with_path(v, fn, (*prefix, k)) if isinstance(v, Mapping) else fn((*prefix, k), v)
+        for k, v in tree.items()
+    }
+
+
+def load_params(ckpt: str | Path, *, dtype: str | None = None, shardings: Any = None) -> dict:
+    """Restores all params as jax arrays.
+
+    Args:
+      ckpt: project checkpoint directory.
+      dtype: cast every leaf to this dtype on load (None keeps the stored dtypes).
+      shardings: None (first device) or a pytree of ``jax.sharding.Sharding`` matching the
+        params tree (``{"vision": ..., "projector": ..., "llm": ...}``).
+
+    Returns:
+      {"vision": pure dict, "projector": pure dict, "llm": pure dict}.
+    """
+    import jax
+    import orbax.checkpoint.experimental.v1 as ocp
+
+    tree = stored_tree(ckpt)
+    default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+    def target(p, spec):
+        sh = default
+        if shardings is not None:
+            sh = shardings
+            for k in p:
+                sh = sh[k]
+        return jax.ShapeDtypeStruct(spec[0], np.dtype(dtype) if dtype else spec[1], sharding=sh)
+
+    return ocp.load(Path(ckpt) / PARAMS, _map_with_path(tree, target))
+
+
+def save_checkpoint(
+    out: str | Path, cfg: ModelConfig, params: Mapping, *, like: str | Path
+) -> None:
+    """Writes a project checkpoint from in-memory params (e.g. after training).
+
+    Provenance, HF files and unused tensors are carried over from checkpoint ``like`` (the one
+    the run started from), so the result exports to the same VILA layout; changed config
+    fields (say a new ``rope_theta``) are written into the exported JSON configs.
+
+    Args:
+      out: new directory (must not exist).
+      cfg: the config of ``params``.
+      params: {"vision", "projector", "llm"} -> pure dicts of arrays (nnx.to_pure_dict).
+      like: an existing project checkpoint.
+    """
+    like = Path(like)
+    with atomic_dir(out) as tmp:
+        for name in (HF_DIR, UNUSED_DIR):
+            if (like / name).is_dir():
+                shutil.copytree(like / name, tmp / name)
+        prov = read_provenance(like)
+        prov.pop("format", None)
+        write_metadata(tmp, cfg, prov)
+        writer = ParamWriter(tmp)
+        inv = {v: k for k, v in ATTR.items()}
+        for attr, sub in params.items():
+            for path, value in _leaves(sub):
+                writer.save(inv[attr], path, np.asarray(value))
+        writer.finalize()
+
+
+def load_checkpoint(
+    ckpt: str | Path, *, dtype: str | None = None, shardings: Any = None, overrides=()
+) -> tuple[ModelConfig, dict]:
+    """(ModelConfig, params) of a project checkpoint; see ``load_params`` for the arguments.
+
+    ``pretrained.load_pretrained`` returns a ready model instead.
+    """
+    return read_model_config(ckpt, overrides), load_params(ckpt, dtype=dtype, shardings=shardings)

@@ -1,0 +1,135 @@
+"""``load_pretrained``: a ready LongVILA model from a VILA-layout or a project checkpoint.
+
+A VILA-layout directory is converted in memory with the same streaming, validating path as the
+file converter (tensors read one at a time, names and shapes checked against the config); a
+project checkpoint is restored with Orbax. Either way no random initialisation runs: the model
+is built abstractly (``nnx.eval_shape``) and the loaded arrays are merged in. Tokenizers load
+from local files only, never from the hub and never with remote code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from longvila_jax.ckpt import hf_config, orbax_io
+from longvila_jax.ckpt.safetensors_io import WeightSet
+from longvila_jax.config.model import ModelConfig
+
+
+def _is_vila(path: Path) -> bool:
+    return (path / "config.json").is_file() and all(
+        (path / c).is_dir() for c in hf_config.COMPONENTS
+    )
+
+
+def _with_dtype(cfg: ModelConfig, dtype: Any) -> ModelConfig:
+    if dtype is None:
+        return cfg
+    name = np.dtype(dtype).name
+    return dataclasses.replace(cfg, param_dtype=name, compute_dtype=name)
+
+
+def _nest(items) -> dict:
+    out: dict = {}
+    for path, value in items:
+        node = out
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = value
+    return out
+
+
+def read_vila_params(
+    path: str | Path, *, dtype: Any = None, overrides: Sequence[str] = ()
+) -> tuple[ModelConfig, dict]:
+    """Reads a VILA-layout directory into (config, params) without writing anything.
+
+    Returns:
+      The config and ``{"vision": ..., "projector": ..., "llm": ...}`` pure dicts of jax arrays
+      in ``cfg.param_dtype``.
+    """
+    import jax.numpy as jnp
+
+    from longvila_jax.ckpt.vila_import import iter_leaves, plan_component
+
+    data, source = hf_config.read_vila(path)
+    weights = {c: WeightSet(source.dirs[c]) for c in hf_config.COMPONENTS}
+    tokenizer = hf_config.load_tokenizer_dir(source.dirs["llm"])
+    cfg = _with_dtype(hf_config.build_config(data, tokenizer, weights, overrides), dtype)
+    pdtype = jnp.dtype(cfg.param_dtype)
+    params = {}
+    for comp in hf_config.COMPONENTS:
+        plan = plan_component(cfg, comp, weights[comp])
+        leaves = ((p, jnp.asarray(v)) for p, v in iter_leaves(cfg, plan, dtype=pdtype))
+        params[orbax_io.ATTR[comp]] = _nest(leaves)
+    return cfg, params
+
+
+def load_pretrained(
+    path: str | Path,
+    *,
+    dtype: Any = None,
+    attn_fn: Any = None,
+    overrides: Sequence[str] = (),
+):
+    """Builds a ``LongVILA`` model with weights from ``path``.
+
+    Args:
+      path: a VILA/LongVILA-layout directory (``config.json`` + ``llm/``, ``vision_tower/``,
+        ``mm_projector/``) or a project checkpoint (``longvila_jax.convert import`` output).
+      dtype: parameter and compute dtype (e.g. ``"float32"``, ``jnp.bfloat16``); None keeps
+        the config's.
+      attn_fn: LLM attention kernel (``models.attention.AttentionFn``); None = dense.
+      overrides: dotted ``ModelConfig`` overrides (``projector.token_order=col_major``).
+
+    Returns:
+      A ``longvila_jax.models.vlm.LongVILA`` whose ``cfg`` describes it.
+
+    Raises:
+      ValueError: ``path`` is neither layout.
+    """
+    from flax import nnx
+
+    from longvila_jax.models.vlm import LongVILA
+
+    path = Path(path)
+    if orbax_io.is_project_checkpoint(path):
+        cfg = _with_dtype(orbax_io.read_model_config(path, overrides), dtype)
+        params = orbax_io.load_params(path, dtype=cfg.param_dtype)
+    elif _is_vila(path):
+        cfg, params = read_vila_params(path, dtype=dtype, overrides=overrides)
+    else:
+        raise ValueError(
+            f"{path} is neither a project checkpoint (model.yaml + params/) nor a VILA layout "
+            "(config.json + llm/ + vision_tower/ + mm_projector/)"
+        )
+    kwargs = {} if attn_fn is None else {"attn_fn": attn_fn}
+    with nnx.use_eager_sharding(False):
+        abstract = nnx.eval_shape(lambda: LongVILA(cfg, rngs=nnx.Rngs(0), **kwargs))
+    graphdef, state = nnx.split(abstract)
+    pure = nnx.to_pure_dict(state)
+    missing = sorted(set(pure) - set(params))
+    if missing:
+        raise ValueError(f"{path}: the model has state {missing} that the checkpoint lacks")
+    nnx.replace_by_pure_dict(state, params)
+    return nnx.merge(graphdef, state)
+
+
+def tokenizer_dir(path: str | Path) -> Path:
+    """The folder holding the LLM tokenizer of a project checkpoint, VILA layout or HF LLM."""
+    path = Path(path)
+    if orbax_io.is_project_checkpoint(path):
+        return path / orbax_io.HF_DIR / "llm"
+    if _is_vila(path):
+        return path / "llm"
+    return path
+
+
+def load_tokenizer(path: str | Path):
+    """The tokenizer (``transformers`` fast tokenizer) of any of the three layouts, offline."""
+    return hf_config.load_tokenizer_dir(tokenizer_dir(path))

@@ -1,0 +1,311 @@
+"""Import VILA/LongVILA checkpoints as project checkpoints (plain HF parts: hf_parts_import).
+
+Streaming: every tensor name is resolved and its header shape checked against the configured
+model before anything is read (missing, unknown, duplicate and mis-shaped tensors fail early,
+naming the tensor). Then parameters are built one leaf at a time (a stacked leaf reads its L
+layer tensors one by one into one 64-byte aligned buffer, which ``jax.device_put`` aliases
+instead of copying) and handed to Orbax partial saves in small groups, so peak memory is about
+the largest stacked leaf plus Orbax's bounded cache, never the whole model (measured in
+``tests/ckpt/test_convert_cli.py``). Everything that is not a weight (configs, tokenizer files)
+is copied verbatim so that export can rebuild the identical VILA layout; pickle files are never
+opened.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from longvila_jax.ckpt import hf_config, mapping
+from longvila_jax.ckpt.orbax_io import (
+    HF_DIR,
+    UNUSED_DIR,
+    ParamWriter,
+    atomic_dir,
+    write_metadata,
+)
+from longvila_jax.ckpt.safetensors_io import (
+    PICKLE_SUFFIXES,
+    CheckpointError,
+    WeightSet,
+    aligned_empty,
+)
+from longvila_jax.ckpt.safetensors_writer import PlanWriter, shard_plan
+from longvila_jax.config.base import to_dict
+from longvila_jax.config.model import ModelConfig
+
+COMPONENTS = hf_config.COMPONENTS
+SIGLIP_PREFIX = "vision_model."
+_NOT_AUX = (".safetensors", ".h5", ".msgpack", ".gguf", ".onnx", ".npz", ".npy", *PICKLE_SUFFIXES)
+MAX_AUX_BYTES = 256 * 1024 * 1024
+# Config fields that live in the HF/VILA JSON files and may change after import (see export).
+EXPORTABLE = (
+    ("llm", "rope_theta"),
+    ("llm", "rope_scaling"),
+    ("llm", "max_position_embeddings"),
+    ("llm", "rms_norm_eps"),
+    ("vision", "layer_norm_eps"),
+    ("vision", "select_layer"),
+)
+
+
+def hf_shape(transform: str, shape: Sequence[int]) -> tuple[int, ...]:
+    """Torch-layout shape of a parameter slice of ``shape`` (no array of that size is built)."""
+    probe = [2, 3, 5, 7, 11, 13, 17, 19][: len(shape)]
+    out = mapping.from_param(transform, np.empty(probe, np.uint8)).shape
+    return tuple(shape[probe.index(d)] for d in out)
+
+
+@dataclass
+class ComponentPlan:
+    """Which stored tensor fills which parameter slice, for one VILA sub-folder."""
+
+    component: str
+    weights: WeightSet
+    sources: dict[tuple[str, ...], dict[int | None, str]] = field(default_factory=dict)
+    transforms: dict[tuple[str, ...], str] = field(default_factory=dict)
+    unused: list[str] = field(default_factory=list)
+    siglip_prefix: bool = False
+
+
+def plan_component(cfg: ModelConfig, component: str, weights: WeightSet) -> ComponentPlan:
+    """Resolves every tensor of ``weights`` and checks names and shapes (headers only).
+
+    Raises:
+      CheckpointError: an unknown, duplicate, missing or mis-shaped tensor (named).
+    """
+    where = f"{weights.directory}"
+    plan = ComponentPlan(component, weights)
+    if component == "vision_tower":
+        prefixed = {n.startswith(SIGLIP_PREFIX) for n in weights.names}
+        if len(prefixed) > 1:
+            raise CheckpointError(f"{where}: mixes prefixed and unprefixed SigLIP tensor names")
+        plan.siglip_prefix = prefixed == {True}
+    shapes = mapping.param_shapes(cfg, component)
+    for name in weights.names:
+        target = mapping.resolve(cfg, component, name)
+        if target is None:
+            raise CheckpointError(f"{where}: unexpected tensor {name!r} (no parameter maps to it)")
+        if target == "unused":
+            plan.unused.append(name)
+            continue
+        slots = plan.sources.setdefault(target.path, {})
+        if target.layer in slots:
+            raise CheckpointError(f"{where}: tensor {name!r} duplicates {slots[target.layer]!r}")
+        full = shapes[target.path]
+        want = hf_shape(target.transform, full[1:] if target.layer is not None else full)
+        got = weights.info(name).shape
+        if got != want:
+            raise CheckpointError(
+                f"{where}: tensor {name!r} has shape {list(got)}, the configured model needs "
+                f"{list(want)}"
+            )
+        slots[target.layer] = name
+        plan.transforms[target.path] = target.transform
+    have = {n for s in plan.sources.values() for n in s.values()}
+    for name in mapping.expected_names(cfg, component, siglip_prefix=plan.siglip_prefix):
+        if name not in have:
+            raise CheckpointError(f"{where}: missing tensor {name!r}")
+    for path, slots in plan.sources.items():
+        dtypes = {weights.info(n).dtype for n in slots.values()}
+        if len(dtypes) > 1:
+            raise CheckpointError(f"{where}: layers of {'/'.join(path)} mix dtypes {dtypes}")
+    return plan
+
+
+def iter_leaves(
+    cfg: ModelConfig,
+    plan: ComponentPlan,
+    *,
+    dtype: np.dtype | None = None,
+    on_tensor: Callable[[str], None] | None = None,
+) -> Iterator[tuple[tuple[str, ...], np.ndarray]]:
+    """Yields (param path, array) one leaf at a time, in the configured model's layout.
+
+    Args:
+      cfg: model config.
+      plan: from ``plan_component``.
+      dtype: cast to this dtype (None keeps the stored dtype, for bitwise round trips).
+      on_tensor: called with each tensor name after it was read (progress bars).
+    """
+    shapes = mapping.param_shapes(cfg, plan.component)
+    for path, shape in shapes.items():
+        slots, tr = plan.sources[path], plan.transforms[path]
+        stored = plan.weights.info(slots[next(iter(slots))]).np_dtype
+        out = aligned_empty(shape, dtype or stored)
+        if None in slots:
+            out[...] = mapping.to_param(tr, plan.weights.read(slots[None]))
+            if on_tensor:
+                on_tensor(slots[None])
+            yield path, out
+            continue
+        for layer in range(shape[0]):
+            out[layer] = mapping.to_param(tr, plan.weights.read(slots[layer]))
+            if on_tensor:
+                on_tensor(slots[layer])
+        yield path, out
+
+
+def copy_aux_files(src: Path, dst: Path) -> list[str]:
+    """Copies the non-weight regular files of ``src`` (configs, tokenizer) verbatim."""
+    dst.mkdir(parents=True, exist_ok=True)
+    copied = []
+    for p in sorted(src.iterdir()):
+        if (
+            not p.is_file()
+            or p.name.startswith(".")
+            or p.name.endswith(_NOT_AUX)
+            or p.name.endswith(".safetensors.index.json")
+            or p.stat().st_size > MAX_AUX_BYTES
+        ):
+            continue
+        shutil.copyfile(p, dst / p.name)
+        copied.append(p.name)
+    return copied
+
+
+def _write_unused(plan: ComponentPlan, directory: Path, on_tensor) -> None:
+    if not plan.unused:
+        return
+    directory.mkdir(exist_ok=True)
+    specs = [[n, plan.weights.info(n).dtype, list(plan.weights.info(n).shape)] for n in plan.unused]
+    file = {"name": f"{plan.component}.safetensors", "metadata": {}, "tensors": specs}
+    writer = PlanWriter(directory, {"index": None, "files": [file]})
+    try:
+        for n in plan.unused:
+            writer.write(n, plan.weights.read(n))
+            on_tensor(n)
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+
+
+def component_record(plan: ComponentPlan) -> dict:
+    """Provenance of one component: file plan, verbatim index text, SigLIP spelling, unused."""
+    if plan.weights.is_subset:  # e.g. the vision half of a full SiglipModel: one new file
+        ws = plan.weights
+        specs = [(n, ws.info(n).dtype, ws.info(n).shape) for n in ws.names]
+        return {
+            "siglip_prefix": plan.siglip_prefix,
+            "plan": shard_plan(specs, None),
+            "index_text": None,
+            "unused": plan.unused,
+        }
+    index_text = None
+    if plan.weights.index:
+        index_text = (plan.weights.directory / plan.weights.index).read_text()
+    return {
+        "siglip_prefix": plan.siglip_prefix,
+        "plan": plan.weights.plan(),
+        "index_text": index_text,
+        "unused": plan.unused,
+    }
+
+
+def source_config(cfg: ModelConfig, data: dict) -> dict:
+    """``cfg`` with the JSON-backed fields as the files had them (``--set`` ones count as edits)."""
+    src = to_dict(cfg)
+    for section, key in EXPORTABLE:
+        if key in data[section]:
+            src[section][key] = data[section][key]
+    return src
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="tensor", disable=not enabled, desc="converting")
+
+
+def write_params(
+    cfg: ModelConfig, plans: dict[str, ComponentPlan], tmp: Path, progress: bool, extra=()
+) -> None:
+    """Streams every component's params (and unused tensors) into checkpoint dir ``tmp``.
+
+    ``extra`` holds further (component, path, array) leaves, e.g. a new projector.
+    """
+    total = sum(len(p.weights.names) for p in plans.values())
+    writer = ParamWriter(tmp)
+    with _progress(total, progress) as bar:
+
+        def tick(_name: str) -> None:
+            bar.update(1)
+
+        for comp, plan in plans.items():
+            _write_unused(plan, tmp / UNUSED_DIR, tick)
+            for path, value in iter_leaves(cfg, plan, on_tensor=tick):
+                writer.save(comp, path, value)
+                del value
+        for comp, path, value in extra:
+            writer.save(comp, path, value)
+    writer.finalize()
+
+
+def import_vila(
+    src: str | Path, out: str | Path, *, overrides: Sequence[str] = (), progress: bool = False
+) -> ModelConfig:
+    """Converts a VILA/LongVILA-layout directory into a project checkpoint at ``out``.
+
+    Args:
+      src: directory with ``config.json`` and ``llm/``, ``vision_tower/``, ``mm_projector/``.
+      out: new checkpoint directory (must not exist; nothing is left there on error).
+      overrides: dotted ``ModelConfig`` overrides, e.g. ``projector.token_order=row_major``.
+      progress: show a tqdm bar.
+
+    Returns:
+      The ModelConfig written to ``out/model.yaml``.
+    """
+    src = Path(src)
+    data, source = hf_config.read_vila(src)
+    weights = {c: WeightSet(source.dirs[c]) for c in COMPONENTS}
+    tokenizer = hf_config.load_tokenizer_dir(source.dirs["llm"])
+    cfg = hf_config.build_config(data, tokenizer, weights, overrides)
+    plans = {c: plan_component(cfg, c, weights[c]) for c in COMPONENTS}
+    with atomic_dir(out) as tmp:
+        files = copy_aux_files(src, tmp / HF_DIR)
+        for c in COMPONENTS:
+            files += [f"{c}/{f}" for f in copy_aux_files(source.dirs[c], tmp / HF_DIR / c)]
+        write_params(cfg, plans, tmp, progress)
+        write_metadata(
+            tmp,
+            cfg,
+            {
+                "source": {
+                    "layout": "vila",
+                    "path": str(src),
+                    "top_file": source.top_file,
+                    "notes": source.notes,
+                },
+                "source_model_config": source_config(cfg, data),
+                "hf_files": files,
+                "components": {c: component_record(p) for c, p in plans.items()},
+            },
+        )
+    return cfg
+
+
+def flat_items(tree: dict, prefix: tuple[str, ...] = ()):
+    """Yields (path, leaf) of a nested dict."""
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            yield from flat_items(v, (*prefix, str(k)))
+        else:
+            yield (*prefix, str(k)), v
+
+
+def dump_json(path: Path, data: dict) -> None:
+    """Writes JSON the way HF ``save_pretrained`` does (indent 2, sorted keys, newline)."""
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def import_hf_parts(*args, **kwargs) -> ModelConfig:
+    """Plain HF LLM + SigLIP + a new projector; see ``hf_parts_import.import_hf_parts``."""
+    from longvila_jax.ckpt.hf_parts_import import import_hf_parts as run
+
+    return run(*args, **kwargs)
