@@ -1,1 +1,36 @@
-"""Sequence parallelism: device meshes, Ulysses all-to-all, zigzag ring attention and 2D layouts."""
+"""Sequence parallelism: device meshes, Ulysses all-to-all, zigzag ring attention, 2D layouts and
+the MM-SP model sharding.
+
+Public names are imported lazily (model code imports ``parallel.axes`` without pulling in the
+kernels).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "make_mmsp_attention": "attention",
+    "mmsp_attention": "attention",
+    "MeshConfig": "mesh",
+    "load_mesh_config": "mesh",
+    "make_mesh": "mesh",
+    "validate_mesh": "mesh",
+    "logical_to_spec": "mesh",
+    "zigzag_2d_permutation": "layouts",
+    "inverse_permutation": "layouts",
+    "apply_layout": "layouts",
+    "undo_layout": "layouts",
+    "shift_labels": "layouts",
+    "layout_batch": "layouts",
+    "kv_replication": "ulysses",
+    "MMSPPlan": "mmsp",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"longvila_jax.parallel.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'longvila_jax.parallel' has no attribute {name!r}")
