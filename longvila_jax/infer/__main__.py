@@ -1,0 +1,91 @@
+"""Command line: answer a question about a video with MM-SP inference, streaming to stdout.
+
+    python -m longvila_jax.infer --model DIR --video file.mp4 [--frames N | --fps F]
+        [--mesh configs/mesh/cpu8_r2u4.yaml] [--cpu-devices 8] [--max-new-tokens 128]
+        [--temperature 0] [--top-p 1] [--seed 0] [--stop TOKEN ...] "question"
+
+``--model`` is a project checkpoint or a VILA-layout directory (``ckpt.load_pretrained``); the
+tokenizer comes from the same directory unless ``--tokenizer`` is given. ``--fps F`` samples
+about F frames per second, at most ``--frames`` (default 8). Timings go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m longvila_jax.infer",
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("question", help="the question about the video")
+    p.add_argument("--model", required=True, help="project checkpoint or VILA-layout directory")
+    p.add_argument("--video", required=True, help="video file")
+    p.add_argument("--frames", type=int, default=8, help="frames to sample (max with --fps)")
+    p.add_argument("--fps", type=float, default=0.0, help="sample about this many frames/s")
+    p.add_argument("--mesh", help="mesh file (configs/mesh/*.yaml); default one device")
+    p.add_argument("--cpu-devices", type=int, help="simulate this many CPU devices (testing)")
+    p.add_argument("--tokenizer", help="tokenizer directory (default: from --model)")
+    p.add_argument("--dtype", help="parameter/compute dtype, e.g. bfloat16 (default: config)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stop", action="append", default=[], help="extra stop token (repeatable)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.frames < 1:
+        print("error: --frames must be >= 1", file=sys.stderr)
+        return 2
+    if args.cpu_devices:
+        # Must happen before jax initialises its backends (jax is imported lazily below).
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+        import jax
+
+        jax.config.update("jax_num_cpu_devices", args.cpu_devices)
+    from longvila_jax.ckpt.pretrained import load_pretrained, load_tokenizer
+    from longvila_jax.config.base import ConfigError
+    from longvila_jax.data.skips import SampleSkipped
+    from longvila_jax.infer.generate import Generator
+    from longvila_jax.parallel.mesh import load_mesh_config, make_mesh
+
+    try:
+        mesh_cfg = load_mesh_config(args.mesh) if args.mesh else None
+        mesh = make_mesh(mesh_cfg) if mesh_cfg else None
+        model = load_pretrained(args.model, dtype=args.dtype)
+        tok = load_tokenizer(args.tokenizer or args.model)
+        gen = Generator(model, tok, mesh=mesh, block_size=mesh_cfg.block_size if mesh_cfg else 1)
+        result = gen.generate(
+            args.question,
+            video=args.video,
+            num_frames=args.frames,
+            fps=args.fps,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            seed=args.seed,
+            stop=args.stop,
+            on_text=lambda s: print(s, end="", flush=True),
+        )
+    except (ConfigError, SampleSkipped, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(flush=True)
+    print(
+        f"[{result.num_frames} frames, {result.prompt_tokens} prompt tokens, "
+        f"{len(result.tokens)} new tokens ({result.finish_reason}); "
+        f"first token {result.prefill_s:.2f} s, {1e3 * result.decode_s_per_token:.1f} ms/token]",
+        file=sys.stderr,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
