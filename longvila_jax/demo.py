@@ -34,6 +34,7 @@ def _same_tree(a: Path, b: Path) -> bool:
 
 def run(out: Path, model_yaml: Path, frames: int, seed: int) -> dict:
     """Runs the demo under ``out`` (recreated) and returns a summary dict."""
+    import jax
     import jax.numpy as jnp
     from flax import nnx
 
@@ -61,7 +62,7 @@ def run(out: Path, model_yaml: Path, frames: int, seed: int) -> dict:
 
     with nnx.use_eager_sharding(False):
         model = LongVILA(cfg, rngs=nnx.Rngs(seed))
-    n_params = sum(x.size for x in __import__("jax").tree.leaves(nnx.state(model, nnx.Param)))
+    n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     vila = write_vila(model, data / "tokenizer", out / "vila_random")
     say(f"tiny random LongVILA ({n_params:,} params) written in the VILA layout to {vila}")
 

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Set up .venv (Python 3.11, CPU-only jax and the torch 2.13.0 CPU reference) and run the test suite
+# on 8 simulated CPU devices. Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/venv.sh
+ensure_venv test
+.venv/bin/ruff check longvila_jax tests bench scripts
+.venv/bin/ruff format --check longvila_jax tests bench scripts
+exec .venv/bin/python -m pytest -q "$@"
