@@ -1,0 +1,129 @@
+"""The jitted, pure train step: gradient accumulation, global token-mean loss, guarded update.
+
+One call consumes one global batch of ``grad_accum`` micro-batches (leading axis of every batch
+array). It scans over the micro-batches summing CE sums, supervised-token counts and gradients
+of the CE sums (fp32), then divides by the total token count, so the loss is the exact token
+mean over the whole accumulated batch, whatever the split.
+
+Non-finite guard (reliability scenario 16): when the loss or the gradient norm is not finite, or
+the batch has no supervised token, the update is discarded with ``jnp.where`` on every leaf:
+parameters and optimizer state stay bitwise unchanged, only the counters move. The host loop
+halts after ``max_consecutive_nonfinite`` such steps in a row.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from longvila_jax.train.objective import Objective
+from longvila_jax.train.state import ModelTemplate, apply_lora, diff_params, unnest, unnest_lora
+
+
+def _select(ok: jax.Array, new, old):
+    return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+
+
+def make_train_step(
+    template: ModelTemplate,
+    objective: Objective,
+    optimizer: optax.GradientTransformation,
+    schedule: Callable[[jax.Array], jax.Array],
+    *,
+    lora_scale: float | None = None,
+) -> Callable[[dict, Mapping[str, jax.Array]], tuple[dict, dict[str, jax.Array]]]:
+    """Builds ``step(state, batch) -> (state, metrics)`` (not jitted; see :func:`jit_step`).
+
+    Args:
+      template: the model template (flat params -> NNX model).
+      objective: provides ``loss(model, micro) -> (ce_sum, n_tokens)``.
+      optimizer: optax transformation over ``diff_params(state)``.
+      schedule: LR schedule (for logging), called on the number of applied updates.
+      lora_scale: alpha / rank when the state carries LoRA adapters.
+
+    Returns:
+      The step function. Metrics: loss, grad_norm, lr, tokens (supervised), applied (bool),
+      finite (bool), and the counters after the step.
+    """
+
+    def loss_fn(diff: dict, frozen: dict, micro: Mapping[str, jax.Array]):
+        flat = unnest(diff["params"])
+        flat.update(unnest(frozen))
+        if "lora" in diff:
+            flat = apply_lora(flat, unnest_lora(diff["lora"]), lora_scale)
+        model = template.merge(flat)
+        ce_sum, n_tok = objective.loss(model, micro)
+        return ce_sum, n_tok
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def step(state: dict, batch: Mapping[str, jax.Array]) -> tuple[dict, dict[str, jax.Array]]:
+        diff = diff_params(state)
+        frozen = state["params"].get("frozen", {})
+        zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), diff)
+
+        def body(carry, micro):
+            g_acc, ce_acc, n_acc = carry
+            (ce, n), g = grad_fn(diff, frozen, micro)
+            g_acc = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), g_acc, g)
+            return (g_acc, ce_acc + ce, n_acc + n), None
+
+        init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+        (g_sum, ce_sum, n_tok), _ = jax.lax.scan(body, init, batch)
+        denom = jnp.maximum(n_tok, 1.0)
+        loss = ce_sum / denom
+        grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), g_sum, diff)
+        grad_norm = optax.tree.norm(g_sum) / denom
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        nonempty = n_tok > 0
+        ok = finite & nonempty
+        updates, new_opt = optimizer.update(grads, state["opt"], diff)
+        new_diff = optax.apply_updates(diff, updates)
+        new_diff = _select(ok, new_diff, diff)
+        c = state["counters"]
+        counters = {
+            "nonfinite": c["nonfinite"] + (~finite).astype(jnp.int32),
+            "consecutive_nonfinite": jnp.where(finite, 0, c["consecutive_nonfinite"] + 1),
+            "empty": c["empty"] + (~nonempty).astype(jnp.int32),
+            "applied": c["applied"] + ok.astype(jnp.int32),
+        }
+        new_state = dict(state)
+        new_state["step"] = state["step"] + 1
+        new_state["params"] = dict(state["params"], trainable=new_diff["params"])
+        if "lora" in diff:
+            new_state["lora"] = new_diff["lora"]
+        new_state["opt"] = _select(ok, new_opt, state["opt"])
+        new_state["counters"] = counters
+        metrics = {
+            "loss": loss,
+            "grad_norm": grad_norm,
+            "lr": jnp.asarray(schedule(c["applied"]), jnp.float32),
+            "tokens": n_tok,
+            "applied": ok,
+            "finite": finite,
+            **counters,
+        }
+        return new_state, metrics
+
+    return step
+
+
+def jit_step(step: Callable, state_shardings: Any, batch_shardings: Any, mesh) -> Callable:
+    """``jax.jit`` with explicit shardings; the input state is donated."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    rep = NamedSharding(mesh, P())
+    return jax.jit(
+        step,
+        in_shardings=(state_shardings, batch_shardings),
+        out_shardings=(state_shardings, rep),
+        donate_argnums=(0,),
+    )
+
+
+__all__ = ["jit_step", "make_train_step"]
