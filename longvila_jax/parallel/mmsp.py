@@ -163,9 +163,12 @@ class MMSPPlan:
         return {k: np.stack(v) for k, v in out.items()}
 
     def _visual_arrays(self, geo, batch, visual, frames, row0) -> dict[str, np.ndarray]:
+        # ``expanded_inputs`` indexes every row's own visual tokens (frame j, token t ->
+        # j * tpf + t), which is exactly the per-row rank ``routing_tables`` expects; an offset
+        # by the row's position in the batch would turn the visual tokens of every row but the
+        # first into negative ranks, silently embedded as text.
         b = visual.shape[0]
-        per_row = self.frame_slots * self.tpf
-        rank = np.where(visual >= 0, visual - (np.arange(b)[:, None] + row0) * per_row, -1)
+        rank = np.where(visual >= 0, visual, -1)
         mask = np.asarray(batch["frame_mask"], bool)[row0 : row0 + b]
         n_frames = mask.sum(axis=1)
         for r in range(b):

@@ -132,9 +132,15 @@ def routing_tables(
       the destination's hop-2 receive buffer [SP * cap2], -1 at text positions.
 
     Raises:
-      ValueError: a row references a frame it does not have.
+      ValueError: a row references a frame it does not have, or a rank below -1.
     """
     b, length = visual_rank.shape
+    if (visual_rank < -1).any():
+        r, c = np.argwhere(visual_rank < -1)[0]
+        raise ValueError(
+            f"visual_rank row {r}, position {c}: {int(visual_rank[r, c])} is neither -1 (text) "
+            "nor a row-local visual token index"
+        )
     sp, fpd, tpf, n_loc = geo.sp, geo.frames_per_device, geo.tokens_per_frame, geo.shard_len
     bl = geo.rows_per_group
     frame_src = np.full((b, sp * fpd), -1, np.int64)

@@ -125,6 +125,11 @@ def packed_batch(tpf: int, image_size: int, seed: int = 0) -> dict[str, np.ndarr
 def reference(template: ModelTemplate, flat, batch, tpf):
     """Single-device loss and gradients: dense attention, natural order, all logits at once."""
     text_ids, visual = expanded_inputs(batch, IMG, tpf)
+    # expanded_inputs indexes each row's own visual tokens; the flat [B * F * tpf] tokens of
+    # every row are indexed globally here.
+    frame_slots = batch["frames"].shape[1]
+    offset = np.arange(visual.shape[0])[:, None] * frame_slots * tpf
+    visual = np.where(visual >= 0, visual + offset, -1).astype(np.int32)
     dev = jax.devices()[0]
     keys = ("frames", "positions", "segment_ids", "labels")
     args = [
@@ -306,12 +311,72 @@ def _simulate_delivery(rank, n_frames, frame_slots, tpf, ring, uly, groups):
 def test_routing_tables_deliver_every_visual_token(ring, uly, groups):
     tpf = tiny_cfg().tokens_per_frame
     batch = packed_batch(tpf, 8)
-    _, visual = expanded_inputs(batch, IMG, tpf)
-    b = visual.shape[0]
-    rank = np.where(visual >= 0, visual - np.arange(b)[:, None] * F_SLOTS * tpf, -1)
+    _, rank = expanded_inputs(batch, IMG, tpf)  # row-local visual indices = per-row ranks
+    assert all((rank[r] >= 0).any() for r in (0, 1, 2, 3))
     geo, t = _simulate_delivery(rank, batch["frame_mask"].sum(1), F_SLOTS, tpf, ring, uly, groups)
     assert (t["send1"] >= 0).sum(-1).max() <= geo.cap1
     assert (t["send2"] >= 0).sum(-1).max() <= geo.cap2 < geo.rows_per_group * L
+
+
+@pytest.mark.parametrize("name,accum", [("cpu8_r2u4", 2), ("cpu8_r2u4", 4), ("fsdp2_r2u2", 2)])
+def test_host_arrays_deliver_every_row_of_every_micro_batch(name, accum):
+    """Regression: the rows of micro-batch m > 0 (and rows after the first of a micro-batch)
+    must get their own frames' tokens, not be dropped to text embeddings."""
+    tpf = tiny_cfg().tokens_per_frame
+    batch = packed_batch(tpf, 2)
+    b_all = batch["frames"].shape[0]
+    # Every frame is tagged with its (row, frame) so the laid-out slots can be identified.
+    tag = 1 + np.arange(b_all)[:, None] * 100 + np.arange(F_SLOTS)  # empty slots stay 0
+    batch["frames"] = np.broadcast_to(
+        tag[:, :, None, None, None].astype(np.float32), batch["frames"].shape
+    ).copy()
+    mcfg = _mesh_cfg(name)
+    plan = MMSPPlan(
+        make_mesh(mcfg),
+        seq_len=L,
+        frame_slots=F_SLOTS,
+        tokens_per_frame=tpf,
+        image_token_id=IMG,
+        batch_axes=mcfg.activation_rules["batch"],
+        grad_accum=accum,
+    )
+    arrays = plan.host_arrays(batch)
+    text_ids, visual = expanded_inputs(batch, IMG, tpf)
+    b = b_all // accum
+    geo = plan.geometry(b)
+    sp, fpd, bl, n_loc = plan.sp, geo.frames_per_device, geo.rows_per_group, L // plan.sp
+    delivered = 0
+    for m, g in np.ndindex(accum, geo.groups):
+        frames, send1, send2 = arrays["frames"][m], arrays["send1"][m, g], arrays["send2"][m, g]
+        src = np.full((sp, bl * fpd * tpf), -1)  # token id: tag * tpf + t
+        for d, r, q in np.ndindex(sp, bl, fpd):
+            f = frames[g * bl + r, d * fpd + q, 0, 0, 0]
+            base = (r * fpd + q) * tpf
+            src[d, base : base + tpf] = int(f) * tpf + np.arange(tpf)
+        hop1 = np.stack([np.where(send1[s] >= 0, src[s][send1[s]], -1) for s in range(sp)])
+        recv1 = hop1.transpose(1, 0, 2).reshape(sp, -1)
+        hop2 = np.stack([np.where(send2[i] >= 0, recv1[i][send2[i]], -1) for i in range(sp)])
+        recv2 = hop2.transpose(1, 0, 2).reshape(sp, -1)
+        for r in range(bl):
+            row = m * b + g * bl + r
+            np.testing.assert_array_equal(
+                arrays["text_ids"][m, g * bl + r], text_ids[row, plan.perm]
+            )
+            v = visual[row, plan.perm]
+            want = np.where(v >= 0, (1 + row * 100 + v // tpf) * tpf + v % tpf, -1)
+            idx = arrays["recv"][m, g * bl + r]
+            got = np.where(idx >= 0, recv2[np.arange(L) // n_loc, np.maximum(idx, 0)], -1)
+            np.testing.assert_array_equal(got, want, err_msg=f"micro-batch {m}, row {row}")
+            delivered += int((v >= 0).sum())
+    assert delivered == int((visual >= 0).sum()) > 0
+
+
+def test_routing_rejects_ranks_below_minus_one():
+    geo = RoutingGeometry(1, 1, 64, 8, 3, 4)
+    rank = np.full((1, 64), -1)
+    rank[0, 8:12] = np.arange(4) - 48  # e.g. a row-local index shifted by a row offset
+    with pytest.raises(ValueError, match="visual_rank row 0, position 8"):
+        routing_tables(geo, rank, np.array([1]), np.arange(64))
 
 
 def test_routing_fewer_frame_slots_than_devices_and_text_only_rows():
