@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT, make_model
+from _eval_models import ROOT, make_model
 from flax import nnx
 
 from longvila_jax.eval.cli import parse_numbers, vniah_main

@@ -153,7 +153,7 @@ def test_accuracy_by_duration():
 @pytest.mark.slow
 def test_end_to_end_letter_scoring_per_bucket(tiny_cfg, tokenizer, rig, tmp_path):
     """A model rigged to answer "A" scores exactly the share of B answers in every bucket."""
-    from conftest import make_model
+    from _eval_models import make_model
 
     from longvila_jax.eval.vniah import prompt_ids
 

@@ -154,7 +154,7 @@ def test_needles_roundtrip(tmp_path):
 
 def _rigged(cfg, rig, tokenizer, needle: Needle, n: int, emit: str):
     """A model that, teacher-forced on ``needle.answer``, emits ``emit`` (same token count)."""
-    from conftest import make_model
+    from _eval_models import make_model
 
     prompt = prompt_ids(tokenizer, needle.question, n + 1, template="qwen2", image_token_id=3)
     answer = tokenizer(needle.answer, add_special_tokens=False)["input_ids"]
@@ -204,7 +204,7 @@ def test_case_and_space_insensitive_through_the_harness(tiny_cfg, tokenizer, hay
 
 @pytest.mark.slow
 def test_sequence_parallel_run_equals_single_device(tiny_model, tokenizer, haystack, needles_dir):
-    from conftest import ROOT
+    from _eval_models import ROOT
 
     from longvila_jax.config.base import load_config
     from longvila_jax.parallel.mesh import MeshConfig, make_mesh
