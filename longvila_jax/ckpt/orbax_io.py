@@ -62,6 +62,11 @@ def atomic_dir(out: str | Path) -> Iterator[Path]:
         raise
 
 
+def params_dir(ckpt: str | Path) -> Path:
+    """The Orbax params directory of a project checkpoint, absolute (Orbax refuses relative)."""
+    return Path(ckpt).absolute() / PARAMS
+
+
 def release_freed_memory() -> None:
     """Returns freed heap pages to the OS (glibc keeps them otherwise, inflating peak RSS)."""
     with contextlib.suppress(OSError, AttributeError):  # not glibc
@@ -86,7 +91,7 @@ class ParamWriter:
         import orbax.checkpoint.experimental.v1 as ocp
 
         self._ocp = ocp
-        self.path = Path(ckpt_dir) / PARAMS
+        self.path = params_dir(ckpt_dir)
         self.group_bytes = group_bytes
         self.count = 0
         self._pending: dict = {}
@@ -149,7 +154,7 @@ def stored_tree(ckpt: str | Path) -> dict:
     """Nested dict of the stored params: leaf -> (shape, numpy dtype). Reads metadata only."""
     import orbax.checkpoint.experimental.v1 as ocp
 
-    meta = ocp.metadata(Path(ckpt) / PARAMS).metadata
+    meta = ocp.metadata(params_dir(ckpt)).metadata
 
     def conv(node):
         if isinstance(node, Mapping):
@@ -186,7 +191,7 @@ def load_leaves(
     def target(p, spec):
         return np.empty(spec[0], spec[1]) if p in wanted else ocp.PLACEHOLDER
 
-    out = ocp.load(Path(ckpt) / PARAMS, _map_with_path(tree, target))
+    out = ocp.load(params_dir(ckpt), _map_with_path(tree, target))
     result = {}
     for p in paths:
         node = out[ATTR[component]]
@@ -229,7 +234,7 @@ def load_params(ckpt: str | Path, *, dtype: str | None = None, shardings: Any = 
                 sh = sh[k]
         return jax.ShapeDtypeStruct(spec[0], np.dtype(dtype) if dtype else spec[1], sharding=sh)
 
-    return ocp.load(Path(ckpt) / PARAMS, _map_with_path(tree, target))
+    return ocp.load(params_dir(ckpt), _map_with_path(tree, target))
 
 
 def save_checkpoint(
