@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _eval_models import TINY, make_model  # noqa: F401  (re-exported for fixtures)
+from _eval_models import TINY, make_model
 from flax import nnx
 
 from longvila_jax.config.base import load_config
