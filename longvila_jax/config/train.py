@@ -269,9 +269,12 @@ class ResolvedStage:
 
     @property
     def global_batch(self) -> int:
-        return self.data.batch_size * self.process_count
+        """Rows per step: ``data.batch_size`` per data shard (``parallel.host_shards``)."""
+        return self.data.batch_size * self.data_shards
 
     process_count: int = 1
+    # Distinct row streams: processes of one sequence-parallel group share one.
+    data_shards: int = 1
 
 
 def load_stage(path: str | Path, overrides: tuple[str, ...] | list[str] = ()) -> StageConfig:
@@ -341,7 +344,8 @@ def resolve_stage(
       stage: the stage config.
       mesh_path: mesh YAML (default ``stage.mesh``; the CLI's ``--mesh`` wins).
       num_devices: devices the mesh spans (all processes).
-      process_count: number of hosts; each reads ``data.batch_size`` rows per step.
+      process_count: number of hosts; each data shard (the processes holding the same batch
+        groups, ``parallel.host_shards``) reads ``data.batch_size`` rows per step.
       devices_per_process: local devices per host (Ulysses groups must fit in one).
       check_files: also require the data manifests and tokenizer to exist.
 
@@ -352,6 +356,8 @@ def resolve_stage(
       ConfigError: naming the offending field.
     """
     from longvila_jax.parallel import mesh as mesh_lib
+    from longvila_jax.parallel.axes import MESH_AXES
+    from longvila_jax.parallel.host_shards import count_data_shards
     from longvila_jax.train.state import abstract_param_paths
 
     model = model_config(stage)
@@ -392,7 +398,6 @@ def resolve_stage(
         "optim.grad_accum",
         f"must divide data.batch_size {data.batch_size} (rows per host per step)",
     )
-    global_batch = data.batch_size * process_count
     try:
         sizes = mesh_lib.validate_mesh(
             mesh_cfg,
@@ -400,9 +405,15 @@ def resolve_stage(
             num_heads=model.llm.num_attention_heads,
             num_kv_heads=model.llm.num_key_value_heads,
             seq_len=stage.seq_len,
-            batch_size=global_batch // accum,
             devices_per_process=devices_per_process,
         )
+        try:
+            shards = count_data_shards(
+                sizes, MESH_AXES, mesh_cfg.activation_rules.get("batch", ()), process_count
+            )
+        except ValueError as e:
+            raise ConfigError("activation_rules.batch", str(e)) from None
+        mesh_lib.validate_mesh(mesh_cfg, num_devices, batch_size=data.batch_size * shards // accum)
     except ConfigError as e:
         raise e.under("mesh") from None
     check(
@@ -446,6 +457,7 @@ def resolve_stage(
         frozen_paths=tuple(sorted(set(paths) - trainable)),
         lora_paths=tuple(sorted(lora)),
         process_count=process_count,
+        data_shards=shards,
     )
 
 

@@ -169,7 +169,9 @@ class DataIterator:
 
     Args:
       cfg: the data config.
-      process_index, process_count: host shard (default: ``jax.process_index/count``).
+      process_index, process_count: host shard (default: ``jax.process_index/count``). The
+        trainer passes its data shard (``parallel.host_shards``): the processes of one
+        sequence-parallel group must read the same rows.
 
     Worker processes (``worker_count > 0``) need the usual ``if __name__ == "__main__"`` guard in
     the launching script; call ``close()`` when done.

@@ -38,6 +38,7 @@ from jax.sharding import PartitionSpec as P
 
 from longvila_jax.config.base import check
 from longvila_jax.parallel.attention import make_mmsp_attention
+from longvila_jax.parallel.host_shards import DataShard, data_shard
 from longvila_jax.parallel.layouts import zigzag_2d_permutation
 from longvila_jax.parallel.mmsp_routing import RoutingGeometry, routing_tables
 
@@ -69,6 +70,8 @@ class MMSPPlan:
       grad_accum: micro-batches per global batch (leading axis of every device array).
       ce_chunk: tokens per CE chunk on a device (largest divisor of L / SP not above it).
       kv_chunk: passed to ``make_mmsp_attention``.
+      shard: this process's data shard (default: from the mesh, ``host_shards.data_shard``);
+        :meth:`host_arrays` and :meth:`to_device` take the shard's rows only.
     """
 
     def __init__(
@@ -85,6 +88,7 @@ class MMSPPlan:
         grad_accum: int = 1,
         ce_chunk: int = 1024,
         kv_chunk: int | None = 512,
+        shard: DataShard | None = None,
     ):
         self.mesh = mesh
         self.batch_axes = tuple(a for a in batch_axes if a in mesh.shape)
@@ -95,6 +99,7 @@ class MMSPPlan:
         self.groups = (
             int(np.prod([mesh.shape[a] for a in self.batch_axes])) if self.batch_axes else 1
         )
+        self._shard = shard  # resolved on first host-side use (the mesh may be abstract)
         if seq_len % (2 * self.sp):
             raise ValueError(
                 f"seq_len {seq_len} must be divisible by 2 * ring * ulysses = {2 * self.sp}"
@@ -112,11 +117,26 @@ class MMSPPlan:
         )
 
     # ----------------------------------------------------------------------------- host side
+    @property
+    def shard(self) -> DataShard:
+        """This process's data shard: which rows :meth:`host_arrays` receives."""
+        if self._shard is None:
+            self._shard = data_shard(self.mesh, self.batch_axes)
+        if self.groups % self._shard.count:
+            raise ValueError(f"{self.groups} batch groups cannot form {self._shard.count} shards")
+        return self._shard
+
     def geometry(self, rows: int) -> RoutingGeometry:
-        return RoutingGeometry(rows, self.groups, self.seq_len, self.sp, self.frame_slots, self.tpf)
+        """Shapes of a micro-batch of this shard's ``rows`` (its batch groups only)."""
+        groups = self.groups // self.shard.count
+        return RoutingGeometry(rows, groups, self.seq_len, self.sp, self.frame_slots, self.tpf)
 
     def host_arrays(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """A data-pipeline batch -> the numpy arrays ``loss`` reads, each [A, ...].
+
+        With several data shards (``host_shards``) the batch is this shard's rows, and the
+        result is the shard's part of the global arrays: rows, and send tables of its own batch
+        groups (routing never crosses a batch group).
 
         Args:
           batch: ``data.pipeline`` batch: input_ids / text_to_expanded [B, T], frames
@@ -197,15 +217,15 @@ class MMSPPlan:
         return {k: NamedSharding(self.mesh, v) for k, v in sh.items()}
 
     def to_device(self, batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
-        """Host batch -> global device arrays (single process: every row is on this host)."""
-        if jax.process_count() > 1:
-            raise NotImplementedError(
-                "MM-SP to_device needs every row of an SP group on one host; multi-process "
-                "input assembly is not implemented"
-            )
+        """This shard's host batch -> global device arrays.
+
+        Every process of a shard holds the shard's whole rows (all processes of a
+        sequence-parallel group read the same rows); each supplies the (row, sequence) blocks
+        of its own devices (``DataShard.global_array``). One process: ``device_put``.
+        """
         arrays = self.host_arrays(batch)
         sh = self.shardings()
-        return {k: jax.device_put(v, sh[k]) for k, v in arrays.items()}
+        return {k: self.shard.global_array(v, sh[k]) for k, v in arrays.items()}
 
     # --------------------------------------------------------------------------- device side
     def _spec(self, *rest) -> P:

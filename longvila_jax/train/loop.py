@@ -327,6 +327,7 @@ def run_stage(
       objective_factory: ``(resolved, mesh) -> Objective``; default ``OBJECTIVES[stage.objective]``.
     """
     from longvila_jax.data.pipeline import DataIterator
+    from longvila_jax.parallel.host_shards import data_shard
     from longvila_jax.parallel.mesh import make_mesh
 
     info = multihost.initialize()
@@ -377,7 +378,10 @@ def run_stage(
     st_sh = state_shardings(abstract, param_sh, mesh, optimizer)
     kill = KillSwitch()
     ckpt = Checkpointer(run_dir / "checkpoints", stage.checkpoint, kill)
-    data_it = DataIterator(resolved.data, info.process_index, info.process_count)
+    # Rows are read per data shard, not per process: the processes of one sequence-parallel
+    # group read the same rows and each supplies its devices' slices (``host_shards``).
+    shard = data_shard(mesh, resolved.mesh.activation_rules.get("batch", ()))
+    data_it = DataIterator(resolved.data, shard.index, shard.count)
     fingerprint = stage_fingerprint(stage)
     latest = ckpt.latest_step()
     metrics = MetricsWriter(

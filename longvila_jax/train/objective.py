@@ -23,6 +23,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from longvila_jax.config.train import ResolvedStage
+from longvila_jax.parallel.host_shards import data_shard
 
 IGNORE_INDEX = -100
 
@@ -136,12 +137,11 @@ class DenseObjective:
         return {k: self._sharding(n) for k, n in nd.items()}
 
     def to_device(self, batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
+        """This data shard's rows (``parallel.host_shards``) -> global device arrays."""
         arrays = self.host_arrays(batch)
         sh = self.shardings()
-        return {
-            k: jax.make_array_from_process_local_data(sh[k], v, _global_shape(v, sh[k]))
-            for k, v in arrays.items()
-        }
+        shard = data_shard(self.mesh, self.batch_axes or ())
+        return {k: shard.global_array(v, sh[k]) for k, v in arrays.items()}
 
     def loss(self, model: Any, micro: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
         text_ids = micro["text_ids"]
@@ -184,19 +184,6 @@ def token_ce_sum(
     picked = jnp.take_along_axis(logits, tgt[..., None], axis=-1)[..., 0]
     ce = jnp.where(mask, lse - picked, 0.0)
     return ce.sum(), mask.sum().astype(jnp.float32)
-
-
-def _global_shape(local: np.ndarray, sharding: NamedSharding) -> tuple[int, ...]:
-    # Only dim 1 (batch) is split across processes; every process holds an equal share.
-    spec = sharding.spec
-    shape = list(local.shape)
-    if len(spec) > 1 and spec[1] is not None:
-        axes = (spec[1],) if isinstance(spec[1], str) else tuple(spec[1])
-        devs = np.asarray(sharding.mesh.devices)
-        procs = {d.process_index for d in devs.flat}
-        if len(procs) > 1 and axes:
-            shape[1] *= len(procs)
-    return tuple(shape)
 
 
 def image_token_id_of(resolved: ResolvedStage) -> int:
