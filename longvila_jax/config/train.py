@@ -17,6 +17,7 @@ Two levels of checks, both raising ``ConfigError`` naming the dotted field, neve
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 from dataclasses import dataclass, field
@@ -461,13 +462,54 @@ def resolve_stage(
     )
 
 
-def stage_fingerprint(stage: StageConfig) -> dict[str, Any]:
-    """The config fields a resumed run must share with the checkpoint (all but bookkeeping)."""
-    d = to_dict(stage)
-    for k in ("log_every", "tensorboard", "export_vila"):
-        d.pop(k, None)
-    d["checkpoint"].pop("async_save", None)
+# Stage fields a run may change when it resumes. They only affect logging, export, how (not
+# what) it checkpoints, and where the run directory lives (it may be moved). Everything else
+# must match the checkpoint. ``steps`` is not here: the cosine LR schedule spans ``steps``, so
+# extending it would change the LR of steps already taken.
+RESUME_MUTABLE = ("log_every", "tensorboard", "export_vila", "checkpoint.async_save", "run_dir")
+
+
+def _drop_mutable(d: Any) -> Any:
+    if not isinstance(d, dict):
+        return d
+    d = copy.deepcopy(d)
+    for dotted in RESUME_MUTABLE:
+        *parents, leaf = dotted.split(".")
+        node = d
+        for k in parents:
+            node = node.get(k) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(leaf, None)
     return d
+
+
+def stage_fingerprint(stage: StageConfig) -> dict[str, Any]:
+    """The config fields a resumed run must share with the checkpoint (all but
+    :data:`RESUME_MUTABLE`). Referenced files (``model``, ``data.file``, ``mesh``) count by
+    path."""
+    return _drop_mutable(to_dict(stage))
+
+
+_MISSING = "<absent>"
+
+
+def fingerprint_diff(saved: Any, current: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """``(dotted field, saved value, current value)`` where two stage fingerprints differ,
+    sorted by field; lists (e.g. ``trainable``) compare whole. :data:`RESUME_MUTABLE` fields
+    are ignored (checkpoints written before a field became mutable still record it)."""
+    if not prefix:
+        saved, current = _drop_mutable(saved), _drop_mutable(current)
+    if not (isinstance(saved, dict) and isinstance(current, dict)):
+        return [] if saved == current else [(prefix or "<stage>", saved, current)]
+    out = []
+    for k in sorted(set(saved) | set(current)):
+        name = f"{prefix}.{k}" if prefix else k
+        a, b = saved.get(k, _MISSING), current.get(k, _MISSING)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out.extend(fingerprint_diff(a, b, name))
+        elif a != b:
+            out.append((name, a, b))
+    return out
 
 
 __all__ = [
@@ -475,10 +517,12 @@ __all__ = [
     "DataSection",
     "LoraConfig",
     "OptimConfig",
+    "RESUME_MUTABLE",
     "ResolvedStage",
     "RopeConfig",
     "StageConfig",
     "data_config",
+    "fingerprint_diff",
     "load_stage",
     "match_paths",
     "model_config",

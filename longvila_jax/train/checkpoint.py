@@ -11,6 +11,23 @@ killed at any moment leaves either a committed step or an ignored temp dir (clea
 start). Before each save, a device-side reduction checks that every floating leaf is finite; a
 non-finite state raises :class:`NonFiniteState` and nothing is written.
 
+Integrity (reliability scenario 12, :mod:`longvila_jax.train.integrity`): each step directory
+carries a per-file SHA-256 manifest, written inside the temp dir before the commit rename.
+:meth:`Checkpointer.restorable_step` verifies steps newest first before anything is read:
+
+- A step that fails verification is never loaded. A warning names the step and its first bad
+  file, and the next older step is tried.
+- Failed steps newer than the chosen one are moved to ``<checkpoints>/corrupt/`` (kept for
+  inspection, not deleted). Orbax no longer sees them, so they neither block the step numbers
+  the resumed run will write nor count toward keep-N.
+- If steps exist but none verifies, :class:`CorruptCheckpoints` is raised rather than
+  starting from scratch.
+
+Retention is Orbax's ``max_to_keep`` (``keep`` >= 2, checked by the config). Orbax chooses the
+steps to delete when a save is dispatched, but deletes them only after that save has committed,
+in its finalize thread; a save that fails raises before any deletion. So the good step a run
+resumed from is deleted only once a newer step, with its own manifest, has been committed.
+
 Fault injection (tests only): ``LONGVILA_TEST_KILL=<site>@<step>`` SIGKILLs the process at a
 named point of the save of step ``<step>`` (or after that step for ``after_step``). Sites are
 listed in :data:`KILL_SITES`; ``offset=<seconds>@<step>`` kills that long after the save was
@@ -20,7 +37,9 @@ dispatched. Unset, none of this code runs.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -30,9 +49,13 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 
 from longvila_jax.config.train import CheckpointConfig
+from longvila_jax.train.integrity import manifested_rename_class, verify_step_dir
 from longvila_jax.train.state import all_finite
+
+log = logging.getLogger(__name__)
 
 KILL_ENV = "LONGVILA_TEST_KILL"
 KILL_SITES = (
@@ -46,10 +69,15 @@ KILL_SITES = (
     "stage_transition",  # last checkpoint committed, final model not yet written
 )
 _TMP = ".orbax-checkpoint-tmp"
+CORRUPT_DIR = "corrupt"  # failed steps newer than the restored one are moved here
 
 
 class NonFiniteState(RuntimeError):
     """The train state holds NaN/Inf; it must never be committed."""
+
+
+class CorruptCheckpoints(RuntimeError):
+    """Committed checkpoints exist but none matches its integrity manifest."""
 
 
 def _die(site: str, step: int) -> None:
@@ -176,13 +204,94 @@ class Checkpointer:
             enable_async_checkpointing=cfg.async_save,
             cleanup_tmp_directories=True,
             create=True,
+            temporary_path_class=manifested_rename_class(self.directory),
         )
         self.manager = ocp.CheckpointManager(self.directory, options=opts)
         self._last_dispatched: int | None = None
+        self._verified: set[int] = set()
+        # (step, first bad file) of the steps rejected by restorable_step, newest first.
+        self.rejected: list[tuple[int, str]] = []
 
     def latest_step(self) -> int | None:
-        """Newest committed step (temp dirs of interrupted saves are never listed)."""
+        """Newest committed step, unverified (temp dirs of interrupted saves are never listed)."""
         return self.manager.latest_step()
+
+    def verify(self, step: int) -> str | None:
+        """None if committed step ``step`` matches its manifest, else its first bad file."""
+        problem = verify_step_dir(self.directory / str(step), step)
+        if problem is None:
+            self._verified.add(step)
+        return problem
+
+    def restorable_step(self) -> int | None:
+        """The newest committed step whose files match its integrity manifest.
+
+        Steps are tried newest first. Each failure is logged as a warning naming the step and
+        its first bad file, and recorded in :attr:`rejected`. Failed steps newer than the
+        returned one are moved to ``<checkpoints>/corrupt/``. In a multi-process job, process 0
+        verifies and the others receive its answer.
+
+        Returns:
+          The step, or None when no step was ever committed (a fresh run).
+
+        Raises:
+          CorruptCheckpoints: committed steps exist but none verifies (nothing is moved).
+        """
+        self.rejected = []
+        steps = sorted(self.manager.all_steps(), reverse=True)
+        chosen = -1  # no good step (yet)
+        if jax.process_index() == 0:
+            for step in steps:
+                problem = self.verify(step)
+                if problem is None:
+                    chosen = step
+                    break
+                self.rejected.append((step, problem))
+                log.warning(
+                    "checkpoint step %d in %s is corrupt (%s); trying the previous one",
+                    step,
+                    self.directory,
+                    problem,
+                )
+            if chosen >= 0:
+                for step, _ in self.rejected:
+                    self._quarantine(step)
+        moved = len(self.rejected) if chosen >= 0 else 0
+        if jax.process_count() > 1:  # process 0's answer, after its moves (a barrier too)
+            from jax.experimental import multihost_utils
+
+            answer = np.array([chosen, moved], np.int32)
+            chosen, moved = map(int, multihost_utils.broadcast_one_to_all(answer))
+            if chosen >= 0:
+                self._verified.add(chosen)
+        if chosen < 0 and steps:
+            detail = "; ".join(f"step {s}: {p}" for s, p in self.rejected) or "see process 0"
+            raise CorruptCheckpoints(
+                f"{self.directory}: no committed checkpoint matches its integrity manifest "
+                f"({detail}). Refusing to start from scratch over existing checkpoints: restore "
+                "good copies, or move the checkpoints away to start over."
+            )
+        if moved:
+            self.manager.reload()
+        return None if chosen < 0 else chosen
+
+    def _quarantine(self, step: int) -> None:
+        """Moves a failed step out of Orbax's view (kept for inspection)."""
+        target_dir = self.directory / CORRUPT_DIR
+        target_dir.mkdir(exist_ok=True)
+        target = target_dir / str(step)
+        n = 1
+        while target.exists():
+            target = target_dir / f"{step}.{n}"
+            n += 1
+        shutil.move(str(self.directory / str(step)), str(target))
+        log.warning("moved corrupt checkpoint step %d to %s", step, target)
+
+    def _require_verified(self, step: int) -> None:
+        if step not in self._verified:
+            problem = self.verify(step)
+            if problem is not None:
+                raise CorruptCheckpoints(f"{self.directory}: step {step} is corrupt ({problem})")
 
     def save(self, step: int, state: Any, iterator: Any, meta: Mapping[str, Any]) -> None:
         """Dispatches an (async) save of ``step`` after checking every leaf is finite.
@@ -213,9 +322,15 @@ class Checkpointer:
     def restore(self, step: int, abstract_state: Any, iterator: Any) -> tuple[Any, dict]:
         """Restores ``step`` into ``abstract_state``'s shapes/shardings and the iterator in place.
 
+        The step is verified against its manifest first (unless this process already did).
+
         Returns:
           (state, meta).
+
+        Raises:
+          CorruptCheckpoints: the step's files do not match its manifest.
         """
+        self._require_verified(step)
         ocp = self._ocp
         import grain
 
@@ -230,6 +345,8 @@ class Checkpointer:
         return out["state"], dict(out["meta"])
 
     def read_meta(self, step: int) -> dict:
+        """The ``meta`` item of ``step`` (verified first, as :meth:`restore`)."""
+        self._require_verified(step)
         ocp = self._ocp
         out = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
         return dict(out["meta"])
@@ -245,4 +362,12 @@ def _grain_save(item):
     return grain.checkpoint.CheckpointSave(item)
 
 
-__all__ = ["KILL_ENV", "KILL_SITES", "Checkpointer", "KillSwitch", "NonFiniteState"]
+__all__ = [
+    "CORRUPT_DIR",
+    "KILL_ENV",
+    "KILL_SITES",
+    "Checkpointer",
+    "CorruptCheckpoints",
+    "KillSwitch",
+    "NonFiniteState",
+]

@@ -6,7 +6,8 @@ Order of a run (every check that can fail on config happens before anything comp
 2. Resolve ``init_from`` to a project checkpoint (importing HF/VILA layouts into
    ``<run_dir>/init`` once), build the model template and shardings.
 3. If ``<run_dir>/checkpoints`` has a committed step, restore state, data iterator and meta from
-   the newest one (refusing a different stage config); else initialise the state.
+   the newest one that matches its integrity manifest (older ones are tried when it does not;
+   all corrupt raises), refusing a different stage config; else initialise the state.
 4. Jit the step with explicit shardings, compile it ahead of time (memory analysis logged).
 5. Train: host batch -> objective -> step -> metrics; checkpoint every ``checkpoint.every``
    steps; SIGTERM saves the current step and exits with :data:`EXIT_PREEMPTED`;
@@ -32,14 +33,21 @@ from flax import nnx
 from longvila_jax.config.base import ConfigError, save_yaml
 from longvila_jax.config.model import ModelConfig
 from longvila_jax.config.train import (
+    RESUME_MUTABLE,
     ResolvedStage,
     StageConfig,
+    fingerprint_diff,
     match_paths,
     resolve_stage,
     stage_fingerprint,
 )
 from longvila_jax.train import multihost
-from longvila_jax.train.checkpoint import Checkpointer, KillSwitch, NonFiniteState
+from longvila_jax.train.checkpoint import (
+    Checkpointer,
+    CorruptCheckpoints,
+    KillSwitch,
+    NonFiniteState,
+)
 from longvila_jax.train.metrics import MetricsWriter, batch_fingerprint, float_bits, sample_ids
 from longvila_jax.train.objective import OBJECTIVES
 from longvila_jax.train.optim import make_optimizer, make_schedule
@@ -297,6 +305,29 @@ def export(final: Path, out: Path, tokenizer_dir: Path) -> None:
     write_vila(load_pretrained(final), tokenizer_dir, out)
 
 
+def check_resume_config(saved: Any, current: dict, run_dir: Path, step: int) -> None:
+    """Refuses to resume ``run_dir`` with a stage config other than the checkpoint's.
+
+    Args:
+      saved: the ``stage`` fingerprint stored in checkpoint ``step``'s meta.
+      current: ``stage_fingerprint`` of the config being run.
+
+    Raises:
+      ConfigError: naming the first differing field (and listing the others), with both values.
+    """
+    diff = fingerprint_diff(saved, current)
+    if not diff:
+        return
+    field, old, new = diff[0]
+    others = f"; also differs: {', '.join(d[0] for d in diff[1:])}" if len(diff) > 1 else ""
+    raise ConfigError(
+        field,
+        f"{run_dir}: checkpoint {step} was written with {field} = {old!r}, the config now has "
+        f"{new!r}{others}. A run directory resumes only with the stage config that wrote it "
+        f"(free to change: {', '.join(RESUME_MUTABLE)}); use a new run_dir instead.",
+    )
+
+
 class _Preemption:
     """SIGTERM sets a flag; the loop saves after the current step and exits."""
 
@@ -383,7 +414,12 @@ def run_stage(
     shard = data_shard(mesh, resolved.mesh.activation_rules.get("batch", ()))
     data_it = DataIterator(resolved.data, shard.index, shard.count)
     fingerprint = stage_fingerprint(stage)
-    latest = ckpt.latest_step()
+    try:  # the newest step matching its integrity manifest; corrupt newer ones moved aside
+        latest = ckpt.restorable_step()
+    except CorruptCheckpoints:
+        ckpt.close()
+        data_it.close()
+        raise
     metrics = MetricsWriter(
         run_dir,
         stage.steps,
@@ -393,12 +429,10 @@ def run_stage(
         progress=progress,
     )
     try:
+        for step, problem in ckpt.rejected:
+            metrics.event("checkpoint_rejected", step=step, problem=problem)
         if latest is not None:
-            meta = ckpt.read_meta(latest)
-            if meta.get("stage") != fingerprint:
-                raise ConfigError(
-                    "", f"{run_dir}: checkpoint {latest} was written by a different stage config"
-                )
+            check_resume_config(ckpt.read_meta(latest).get("stage"), fingerprint, run_dir, latest)
             target = jax.tree.map(
                 lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, st_sh
             )
@@ -514,6 +548,7 @@ __all__ = [
     "EXIT_NONFINITE",
     "EXIT_OK",
     "EXIT_PREEMPTED",
+    "check_resume_config",
     "init_source",
     "initial_params",
     "prepare_init",

@@ -1,4 +1,4 @@
-"""Helpers for the trainer tests: tiny stage configs and trainer subprocesses.
+"""Helpers for the trainer tests: tiny stage configs, trainer subprocesses, checkpoint damage.
 
 Trainer subprocesses share one persistent JAX compilation cache per session, so only the first
 launch of a given program pays the XLA compile (cached executables are bit-identical).
@@ -74,8 +74,18 @@ def trainer_env(jax_cache: Path, kill: str | None = None) -> dict:
     return env
 
 
+# ``python -m longvila_jax.train`` as installed without the test extras: torch (a test-only
+# dependency, for HF reference numerics; the library never imports it) is hidden, so that
+# transformers does not import it when the tokenizer loads. That import is about a quarter of a
+# trainer launch's CPU time, and the kill-and-resume tests launch the trainer dozens of times.
+_TRAINER_MAIN = (
+    "import runpy, sys; sys.modules['torch'] = None; "
+    "runpy.run_module('longvila_jax.train', run_name='__main__', alter_sys=True)"
+)
+
+
 def trainer_cmd(config: Path, *sets: str) -> list[str]:
-    cmd = [sys.executable, "-m", "longvila_jax.train", "--config", str(config), "--no-progress"]
+    cmd = [sys.executable, "-c", _TRAINER_MAIN, "--config", str(config), "--no-progress"]
     for s in sets:
         cmd += ["--set", s]
     return cmd
@@ -91,3 +101,20 @@ def run_trainer(config: Path, jax_cache: Path, *, kill: str | None = None, timeo
         text=True,
         timeout=timeout,
     )
+
+
+def array_file(step_dir: Path) -> Path:
+    """The largest array data file (OCDBT ``d/`` entry) of a checkpoint step's train state."""
+    files = [p for p in (step_dir / "state").rglob("*") if p.is_file() and p.parent.name == "d"]
+    if not files:
+        raise FileNotFoundError(f"no array data files under {step_dir}/state")
+    return max(files, key=lambda p: p.stat().st_size)
+
+
+def flip_array_byte(step_dir: Path) -> str:
+    """Flips one bit in the middle of the step's largest array file; returns its relative path."""
+    f = array_file(step_dir)
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    f.write_bytes(bytes(data))
+    return f.relative_to(step_dir).as_posix()

@@ -6,20 +6,36 @@ the commit rename, mid iterator-state write, a random offset into the async save
 after a commit, between the last checkpoint and the final model), relaunched with the same
 command each time, and must end with per-step float32 loss bits, batch fingerprints and
 consumed sample ids identical to the reference, with no partial checkpoint ever visible.
+
+A second chain SIGKILLs at >= 20 seeded random offsets inside save windows (each launch
+resumes and is killed during the save it reaches first). It also covers checkpoint integrity
+end to end: the newest committed step is damaged once, and the next launch must skip it
+and resume from the step before.
 """
 
 from __future__ import annotations
 
 import collections
 import json
+import random
 import signal
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
-from _harness import REPO, run_trainer, stage_dict, trainer_cmd, trainer_env, write_stage
+from _harness import (
+    REPO,
+    flip_array_byte,
+    run_trainer,
+    stage_dict,
+    trainer_cmd,
+    trainer_env,
+    write_stage,
+)
 
+from longvila_jax.train.checkpoint import CORRUPT_DIR
+from longvila_jax.train.integrity import verify_step_dir
 from longvila_jax.train.loop import EXIT_PREEMPTED
 from longvila_jax.train.metrics import read_metrics
 
@@ -39,11 +55,16 @@ def _stage(corpus: Path, d: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def reference(corpus, jax_cache, tmp_path_factory):
+def reference_run(corpus, jax_cache, tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("reference")
     r = run_trainer(_stage(corpus, d), jax_cache)
     assert r.returncode == 0, r.stderr[-4000:]
-    recs = read_metrics(d / "run")
+    return d / "run"
+
+
+@pytest.fixture(scope="module")
+def reference(reference_run):
+    recs = read_metrics(reference_run)
     assert sorted(recs) == list(range(1, STEPS + 1))
     return recs
 
@@ -76,6 +97,17 @@ def _assert_matches(run: Path, reference: dict) -> None:
     ref_ids = collections.Counter(i for r in reference.values() for i in r["sample_ids"])
     assert ids == ref_ids  # nothing lost, nothing repeated
     assert (run / "final" / "model.yaml").is_file()
+
+
+def _assert_every_record_matches(run: Path, reference: dict) -> None:
+    """Every step record ever logged, killed launches included, equals the reference's."""
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if "event" in rec:
+            continue
+        ref = reference[rec["step"]]
+        for key in ("loss_bits", "batch_sha256", "sample_ids"):
+            assert rec[key] == ref[key], f"step {rec['step']}: {key} differs from the reference"
 
 
 # Each launch is killed at one site; the next launch is the same command.
@@ -139,3 +171,106 @@ def test_sigterm_saves_and_resumes_bit_exactly(corpus, jax_cache, tmp_path, refe
     assert r.returncode == 0, r.stderr[-4000:]
     assert _events(run, "resume")[-1]["step"] == logged
     _assert_matches(run, reference)
+
+
+SEED = 5  # offsets are drawn from random.Random(SEED)
+RANDOM_KILLS = 20
+MAX_LAUNCHES = 32  # kills that land after the commit are retried with a shorter window
+
+
+def _save_window_s(run: Path) -> float:
+    """Longest temp-dir-to-commit time of ``run``'s checkpoints (Orbax's step metadata)."""
+    spans = []
+    for p in (run / "checkpoints").iterdir():
+        if p.name.isdigit():
+            m = json.loads((p / "_CHECKPOINT_METADATA").read_text())
+            spans.append((m["commit_timestamp_nsecs"] - m["init_timestamp_nsecs"]) / 1e9)
+    assert spans, f"no checkpoints in {run}"
+    return max(spans)
+
+
+class _OffsetChain:
+    """Launches of one run directory, each killed at a random offset into its first save."""
+
+    def __init__(self, corpus: Path, jax_cache: Path, tmp_path: Path, reference: dict):
+        self.corpus = corpus
+        self.jax_cache = jax_cache
+        self.tmp_path = tmp_path
+        self.reference = reference
+        self.trials: list[tuple[str, int, int, str]] = []  # (kill spec, resumed, target, outcome)
+        self.runs = 0
+        self.new_run()
+
+    def new_run(self) -> None:
+        self.runs += 1
+        d = self.tmp_path / f"chain{self.runs}"
+        d.mkdir()
+        self.cfg, self.run = _stage(self.corpus, d), d / "run"
+
+    def launch(self, kill: str) -> tuple[list[int], list[dict]]:
+        """Runs one launch killed by ``kill``; returns (committed steps, its new resume events)."""
+        seen = len(_events(self.run, "resume")) if (self.run / "metrics.jsonl").is_file() else 0
+        r = run_trainer(self.cfg, self.jax_cache, kill=kill)
+        assert r.returncode == -signal.SIGKILL, (kill, r.returncode, r.stderr[-4000:])
+        assert f"SIGKILL at {kill.split('@')[0]}" in r.stderr, r.stderr[-2000:]
+        self.stderr = r.stderr
+        committed = _committed(self.run)
+        for s in committed:  # every visible step is complete and matches its manifest
+            assert verify_step_dir(self.run / "checkpoints" / str(s), s) is None, s
+        return committed, _events(self.run, "resume")[seen:]
+
+    def finish(self) -> None:
+        r = run_trainer(self.cfg, self.jax_cache)
+        assert r.returncode == 0, r.stderr[-4000:]
+        assert not [p for p in (self.run / "checkpoints").iterdir() if "tmp" in p.name]
+        _assert_matches(self.run, self.reference)
+        _assert_every_record_matches(self.run, self.reference)
+
+
+def test_sigkill_at_random_save_offsets_resumes_bit_exactly(
+    corpus, jax_cache, tmp_path, reference, reference_run
+):
+    rng = random.Random(SEED)
+    window = reference_window = _save_window_s(reference_run)
+    chain = _OffsetChain(corpus, jax_cache, tmp_path, reference)
+    try:
+        # Setup: steps 2 and 4 committed. Then one flipped bit in step 4's array data: the
+        # next launch must warn, move step 4 aside and resume from step 2 (scenario 12).
+        committed, _ = chain.launch("mid_write@6")
+        assert committed == [2, 4]
+        bad = flip_array_byte(chain.run / "checkpoints" / "4")
+        resume_from, in_window, launches = 2, 0, 0
+        while in_window < RANDOM_KILLS:
+            assert launches < MAX_LAUNCHES, f"{in_window} of {launches} kills inside a save"
+            if resume_from == STEPS:  # nothing left to save in this run: finish, start over
+                chain.finish()
+                chain.new_run()
+                resume_from = 0
+            target = resume_from + 2
+            kill = f"offset={rng.uniform(0.0, window):.4f}@{target}"
+            committed, resumes = chain.launch(kill)
+            launches += 1
+            if launches == 1:
+                assert (
+                    f"checkpoint step 4 in {chain.run / 'checkpoints'} is corrupt" in chain.stderr
+                )
+                assert bad in chain.stderr
+                assert [e["step"] for e in _events(chain.run, "checkpoint_rejected")] == [4]
+                assert (chain.run / "checkpoints" / CORRUPT_DIR / "4").is_dir()
+            # The launch resumed from the newest good committed step (none: a fresh start).
+            assert [e["step"] for e in resumes] == ([resume_from] if resume_from else [])
+            assert max(committed, default=0) in (resume_from, target), committed
+            if target in committed:  # the kill came after the commit: the chain moves on
+                chain.trials.append((kill, resume_from, target, "after commit"))
+                window *= 0.75
+                resume_from = target
+            else:  # 0 restores from partial dirs: the next launch resumes where this one did
+                chain.trials.append((kill, resume_from, target, "inside the save"))
+                in_window += 1
+        chain.finish()
+    except Exception as e:  # failures and timeouts: report the seed and every kill so far
+        trials = "\n  ".join(map(str, chain.trials))
+        raise AssertionError(
+            f"{e}\nseed {SEED}, reference save window {reference_window:.4f}s, kills "
+            f"(spec, resumed from, target, outcome):\n  {trials}"
+        ) from e
