@@ -9,8 +9,11 @@ Writes, in a few seconds on one core and without downloading anything:
 - ``images/`` + ``images.jsonl``: LLaVA-style captioned images (number and colour questions).
 - ``videos/`` + ``videos_short.json`` (VILA JSON list, ``video`` key), ``videos_captions.jsonl``
   (``video_id`` + ``captions``), ``videos_qa.jsonl`` (``video_path`` + ``q``/``a``).
-- ``needle_train.jsonl`` / ``needle_eval.jsonl``: long videos with a needle (a secret number on
-  white) at a random depth, disjoint videos and numbers in the held-out split.
+- ``needle_train.jsonl`` / ``needle_eval.jsonl``: needle videos in the V-NIAH format, one frame
+  per second: a haystack of flat colours (a new colour every frame, as ``eval.needles``'
+  haystack sampled at 1 fps) with one needle frame (a two-digit secret number on white) at a
+  random depth. The held-out split has its own videos and secret numbers that never occur as a
+  training secret (the model must read the digits, not memorise answers).
 - ``interleaved.jsonl``: image-text documents; ``text.jsonl``: fixed-length pre-tokenised text.
 - ``data.yaml``: a ``DataConfig`` mixing the training manifests, with ``root`` = OUT_DIR.
 
@@ -51,9 +54,18 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def train_tokenizer(texts: list[str], out_dir: Path, vocab_size: int = 512) -> None:
-    """Trains the byte-level BPE and saves it in HF format (tokenizer.json + config)."""
+    """Trains the byte-level BPE and saves it in HF format (tokenizer.json + config).
+
+    Digits are split one per token before BPE, as Qwen2's and Llama-3's tokenizers do, so a
+    number is read digit by digit and an unseen number is still made of known tokens.
+    """
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -77,20 +89,65 @@ def _frames(rng, n: int, size: int, number: str, colour: str) -> np.ndarray:
     return np.broadcast_to(base, (n, *base.shape)).copy()
 
 
-def _needle_video(rng, n: int, size: int, secret: str) -> tuple[np.ndarray, float]:
+def _needle_video(rng, n: int, size: int, secret: str) -> tuple[np.ndarray, int]:
+    """``n`` frames: flat haystack colours (never white) and the secret on white at one frame."""
     names = [c for c in COLOURS if c != "gray"]
-    frames = np.stack([render_number("", size, COLOURS[names[rng.integers(len(names))]])] * n)
-    for i in range(n):  # haystack: a different flat colour every 4 frames
-        frames[i] = COLOURS[names[(i // 4 + int(rng.integers(2))) % len(names)]]
-    span = max(2, n // 8)  # wide enough for uniform sampling of 8+ frames to hit it
-    depth = float(rng.uniform(0, 1))
-    start = min(int(depth * n), n - span)
-    frames[start : start + span] = render_number(secret, size, (255, 255, 255))
-    return frames, start / n
+    rgb = np.asarray([COLOURS[names[k]] for k in rng.integers(len(names), size=n)], np.uint8)
+    frames = np.broadcast_to(rgb[:, None, None, :], (n, size, size, 3)).copy()
+    at = int(rng.integers(n))
+    frames[at] = render_number(secret, size, (255, 255, 255))
+    return frames, at
 
 
-def generate(out: Path, seed: int = 0, size: int = 64, n_images: int = 24, n_videos: int = 12):
-    """Writes the corpus under ``out`` (see the module docstring)."""
+def _needles(rng, out: Path, size: int, counts: tuple[int, int], n_frames: int):
+    """Writes the needle videos; returns the train and held-out manifest rows."""
+    numbers = rng.permutation(np.arange(10, 100))
+    held_out = numbers[: max(1, min(10, counts[1]))]
+    pools = {"train": numbers[len(held_out) :], "eval": held_out}
+    rows: dict[str, list[dict]] = {"train": [], "eval": []}
+    k = 0
+    for split, count in zip(("train", "eval"), counts, strict=True):
+        for i in range(count):
+            secret = str(pools[split][i % len(pools[split])])
+            frames, at = _needle_video(rng, n_frames, size, secret)
+            name = f"videos/needle_{k:04d}.mp4"
+            write_video(out / name, frames, fps=1)
+            rows[split].append(
+                {
+                    "id": f"needle-{k}",
+                    "video": name,
+                    "frames": n_frames,
+                    "needle_frame": at,
+                    "depth": round(at / max(n_frames - 1, 1), 4),
+                    "conversations": [
+                        {"from": "human", "value": f"<video>\n{NEEDLE_QUESTION}"},
+                        {"from": "gpt", "value": secret},
+                    ],
+                }
+            )
+            k += 1
+    return rows
+
+
+def generate(
+    out: Path,
+    seed: int = 0,
+    size: int = 64,
+    n_images: int = 24,
+    n_videos: int = 12,
+    n_needles: tuple[int, int] = (6, 2),
+    needle_frames: int = 32,
+):
+    """Writes the corpus under ``out`` (see the module docstring).
+
+    Args:
+      out: output folder (created).
+      seed: every random choice.
+      size: frame side in pixels (even).
+      n_images, n_videos: captioned images and short videos.
+      n_needles: (training, held-out) needle videos.
+      needle_frames: frames (= seconds at 1 fps) per needle video.
+    """
     rng = np.random.default_rng(seed)
     out.mkdir(parents=True, exist_ok=True)
     for sub in ("images", "videos"):
@@ -153,25 +210,8 @@ def generate(out: Path, seed: int = 0, size: int = 64, n_images: int = 24, n_vid
         )
         texts += [q, a, caption, "Which colour?", col]
 
-    needles: dict[str, list[dict]] = {"train": [], "eval": []}
-    secrets = rng.permutation(90)[:8] + 10  # distinct two-digit numbers, split train/eval
-    for i, secret in enumerate(secrets):
-        split = "train" if i < 6 else "eval"
-        frames, depth = _needle_video(rng, 96, size, str(secret))
-        name = f"videos/needle_{i:03d}.mp4"
-        write_video(out / name, frames, fps=8)
-        needles[split].append(
-            {
-                "id": f"needle-{i}",
-                "video": name,
-                "depth": round(depth, 4),
-                "conversations": [
-                    {"from": "human", "value": f"<video>\n{NEEDLE_QUESTION}"},
-                    {"from": "gpt", "value": str(secret)},
-                ],
-            }
-        )
-        texts.append(str(secret))
+    needles = _needles(rng, out, size, n_needles, needle_frames)
+    texts += [str(n) for n in range(100)]
 
     train_tokenizer(texts * 4, out / "tokenizer")
     tok = PreTrainedTokenizerFast.from_pretrained(str(out / "tokenizer"), local_files_only=True)
@@ -225,9 +265,20 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--size", type=int, default=64, help="frame side in pixels (even)")
     p.add_argument("--images", type=int, default=24)
     p.add_argument("--videos", type=int, default=12)
+    p.add_argument("--needles", type=int, default=6, help="training needle videos")
+    p.add_argument("--eval-needles", type=int, default=2, help="held-out needle videos")
+    p.add_argument("--needle-frames", type=int, default=32)
     a = p.parse_args(argv)
     t = time.perf_counter()
-    generate(a.out_dir, a.seed, a.size, a.images, a.videos)
+    generate(
+        a.out_dir,
+        a.seed,
+        a.size,
+        a.images,
+        a.videos,
+        (a.needles, a.eval_needles),
+        a.needle_frames,
+    )
     print(f"wrote synthetic corpus to {a.out_dir} in {time.perf_counter() - t:.1f} s")
 
 
