@@ -11,9 +11,10 @@ Writes, in a few seconds on one core and without downloading anything:
   (``video_id`` + ``captions``), ``videos_qa.jsonl`` (``video_path`` + ``q``/``a``).
 - ``needle_train.jsonl`` / ``needle_eval.jsonl``: needle videos in the V-NIAH format, one frame
   per second: a haystack of flat colours (a new colour every frame, as ``eval.needles``'
-  haystack sampled at 1 fps) with one needle frame (a two-digit secret number on white) at a
-  random depth. The held-out split has its own videos and secret numbers that never occur as a
-  training secret (the model must read the digits, not memorise answers).
+  haystack sampled at 1 fps) with one needle frame (a secret number on white) at a random depth.
+  The held-out split has its own videos; with two-digit secrets (``digits=2``) its secrets also
+  never occur as a training secret. ``needle_short.jsonl``: the same task on clips a quarter as
+  long (stage 3's short-video curriculum).
 - ``interleaved.jsonl``: image-text documents; ``text.jsonl``: fixed-length pre-tokenised text.
 - ``data.yaml``: a ``DataConfig`` mixing the training manifests, with ``root`` = OUT_DIR.
 
@@ -99,16 +100,26 @@ def _needle_video(rng, n: int, size: int, secret: str) -> tuple[np.ndarray, int]
     return frames, at
 
 
-def _needles(rng, out: Path, size: int, counts: tuple[int, int], n_frames: int):
-    """Writes the needle videos; returns the train and held-out manifest rows."""
-    numbers = rng.permutation(np.arange(10, 100))
-    held_out = numbers[: max(1, min(10, counts[1]))]
-    pools = {"train": numbers[len(held_out) :], "eval": held_out}
-    rows: dict[str, list[dict]] = {"train": [], "eval": []}
+def _needles(rng, out: Path, size: int, counts: tuple[int, ...], n_frames: int, digits: int):
+    """Writes the needle videos; returns the train and held-out manifest rows.
+
+    One-digit secrets: the held-out split has new videos (haystacks, depths). Longer secrets:
+    the held-out secrets are also never a training secret.
+    """
+    numbers = rng.permutation(np.arange(0 if digits == 1 else 10 ** (digits - 1), 10**digits))
+    if digits == 1:
+        pools = {"train": numbers, "eval": numbers}
+    else:
+        held_out = numbers[: max(1, min(10, counts[1]))]
+        pools = {"train": numbers[len(held_out) :], "eval": held_out}
+    pools["short"] = pools["train"]
+    rows: dict[str, list[dict]] = {"train": [], "eval": [], "short": []}
     k = 0
-    for split, count in zip(("train", "eval"), counts, strict=True):
-        for i in range(count):
-            secret = str(pools[split][i % len(pools[split])])
+    for split, count in zip(("train", "eval", "short"), counts, strict=True):
+        if split == "short":  # stage 3's short clips: the same task at a quarter of the length
+            n_frames = max(2, n_frames // 4)
+        for _ in range(count):
+            secret = str(rng.choice(pools[split]))
             frames, at = _needle_video(rng, n_frames, size, secret)
             name = f"videos/needle_{k:04d}.mp4"
             write_video(out / name, frames, fps=1)
@@ -137,6 +148,8 @@ def generate(
     n_videos: int = 12,
     n_needles: tuple[int, int] = (6, 2),
     needle_frames: int = 32,
+    digits: int = 1,
+    n_short_needles: int = 4,
 ):
     """Writes the corpus under ``out`` (see the module docstring).
 
@@ -147,7 +160,14 @@ def generate(
       n_images, n_videos: captioned images and short videos.
       n_needles: (training, held-out) needle videos.
       needle_frames: frames (= seconds at 1 fps) per needle video.
+      n_short_needles: needle clips of ``needle_frames // 4`` frames (``needle_short.jsonl``),
+        the short-video curriculum of stage 3.
+      digits: digits of every number shown (images, videos, needle secrets); 1 or 2 fit the
+        64 px frames of the tiny model, which learns to read one digit per frame quickly.
     """
+    if digits not in (1, 2):
+        raise ValueError(f"digits must be 1 or 2, got {digits}")
+    lo, hi = (0, 10) if digits == 1 else (10, 100)
     rng = np.random.default_rng(seed)
     out.mkdir(parents=True, exist_ok=True)
     for sub in ("images", "videos"):
@@ -157,7 +177,7 @@ def generate(
 
     images, docs = [], []
     for i in range(n_images):
-        num, col = str(rng.integers(0, 100)), colours[rng.integers(len(colours))]
+        num, col = str(rng.integers(lo, hi)), colours[rng.integers(len(colours))]
         name = f"images/img_{i:04d}.png"
         Image.fromarray(render_number(num, size, COLOURS[col])).save(out / name)
         q, a = [
@@ -189,7 +209,7 @@ def generate(
 
     short, caps, qa = [], [], []
     for i in range(n_videos):
-        num, col = str(rng.integers(0, 100)), colours[rng.integers(len(colours))]
+        num, col = str(rng.integers(lo, hi)), colours[rng.integers(len(colours))]
         name = f"vid_{i:04d}"
         write_video(out / "videos" / f"{name}.mp4", _frames(rng, 16, size, num, col), fps=8)
         q, a = "What number appears in the video?", num
@@ -210,7 +230,7 @@ def generate(
         )
         texts += [q, a, caption, "Which colour?", col]
 
-    needles = _needles(rng, out, size, n_needles, needle_frames)
+    needles = _needles(rng, out, size, (*n_needles, n_short_needles), needle_frames, digits)
     texts += [str(n) for n in range(100)]
 
     train_tokenizer(texts * 4, out / "tokenizer")
@@ -230,6 +250,7 @@ def generate(
     _write_jsonl(out / "videos_qa.jsonl", qa)
     _write_jsonl(out / "needle_train.jsonl", needles["train"])
     _write_jsonl(out / "needle_eval.jsonl", needles["eval"])
+    _write_jsonl(out / "needle_short.jsonl", needles["short"])
     _write_jsonl(out / "text.jsonl", long_text)
     _write_data_yaml(out, size)
 
@@ -268,6 +289,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--needles", type=int, default=6, help="training needle videos")
     p.add_argument("--eval-needles", type=int, default=2, help="held-out needle videos")
     p.add_argument("--needle-frames", type=int, default=32)
+    p.add_argument("--short-needles", type=int, default=4, help="short needle clips")
+    p.add_argument("--digits", type=int, default=1, choices=(1, 2))
     a = p.parse_args(argv)
     t = time.perf_counter()
     generate(
@@ -278,6 +301,8 @@ def main(argv: list[str] | None = None) -> None:
         a.videos,
         (a.needles, a.eval_needles),
         a.needle_frames,
+        a.digits,
+        a.short_needles,
     )
     print(f"wrote synthetic corpus to {a.out_dir} in {time.perf_counter() - t:.1f} s")
 

@@ -167,15 +167,27 @@ def test_synthetic_answers_visible(corpus):
     rec = json.loads((corpus / "needle_eval.jsonl").read_text().splitlines()[0])
     frames = decode_video(corpus / rec["video"], 32, rec["frames"])  # every frame
     answer = rec["conversations"][1]["value"]
-    hits = [i for i, f in enumerate(frames) if glyphs.read_number(f, 2) == answer]
+    hits = [i for i, f in enumerate(frames) if glyphs.read_number(f, len(answer)) == answer]
     assert hits == [rec["needle_frame"]]  # exactly one needle frame, where the manifest says
     # The haystack is flat colours only: no other frame holds any ink.
     assert all(f.std(axis=(0, 1)).max() < 8 for i, f in enumerate(frames) if i != hits[0])
-    train = {
-        json.loads(line)["conversations"][1]["value"]
-        for line in (corpus / "needle_train.jsonl").read_text().splitlines()
+    train = [json.loads(x) for x in (corpus / "needle_train.jsonl").read_text().splitlines()]
+    assert rec["video"] not in {r["video"] for r in train}  # held-out videos
+
+
+def test_two_digit_needles_hold_out_their_secrets(tmp_path):
+    from longvila_jax.data.synthetic import generate
+
+    generate(tmp_path, seed=1, size=32, n_images=1, n_videos=1, n_needles=(12, 3), digits=2)
+    secrets = {
+        split: {
+            json.loads(x)["conversations"][1]["value"]
+            for x in (tmp_path / f"needle_{split}.jsonl").read_text().splitlines()
+        }
+        for split in ("train", "eval")
     }
-    assert answer not in train  # held-out needle numbers
+    assert all(len(s) == 2 for s in secrets["train"] | secrets["eval"])
+    assert secrets["eval"] and not secrets["eval"] & secrets["train"]
 
 
 @pytest.mark.slow
