@@ -5,14 +5,22 @@ collective wire bytes (from compiled HLO, loop trip counts applied) for
   - ours: zigzag ring (R=8, U=1), and the 2D layout (R=2, U=4) as an extra row;
   - theirs: ``ringattention.ringattention_jax`` on the same 8-device ring, blockwise chunks of
     512, ``float32_logits=True``, causal chunk skipping; GQA KV must be repeated to H heads.
-Both outputs are checked against the dense reference before timing.
+Both outputs are checked against the dense reference before timing. Timing runs in rounds
+(every case once per round, ``--repeats`` rounds) and keeps the best wall and CPU time of each,
+so that all rows see the same load from other jobs on the host; the load average is recorded.
 
 The package still calls ``jax.lib.xla_bridge.get_backend()`` at import; the one-line shim below
 (bench only, never in library code) maps it to ``jax.extend.backend.get_backend``.
 
+CPU time includes page faults: XLA:CPU allocates each execution's temp buffer with malloc, and
+glibc serves blocks over 32 MiB (its largest dynamic mmap threshold) with fresh mmap pages, so a
+program whose temp exceeds that faults its temp in on every call. Running with
+``MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=4294967296`` (recorded in the output
+as ``malloc_env``) keeps the heap and removes that effect for all rows.
+
 Usage:
-  python bench/vs_ringattention.py [--seq 4096] [--heads 8] [--dim 64] [--repeats 5]
-Writes bench/results/vs_ringattention.json. Package pin: ringattention==0.1.2.
+  python bench/vs_ringattention.py [--seq 4096] [--heads 8] [--dim 64] [--repeats 5] [--out F]
+Writes bench/results/vs_ringattention.json (or F). Package pin: ringattention==0.1.2.
 """
 
 from __future__ import annotations
@@ -81,24 +89,9 @@ def ours_fn(mesh, dim):
     return fn
 
 
-def _time(f, args, repeats):
-    """Best wall time and best process CPU time over ``repeats`` runs (after one warm-up).
-
-    The 8 simulated devices share the host's cores with other jobs, so the minimum is the
-    least-disturbed run; CPU time is the total work of all simulated devices.
-    """
-    jax.block_until_ready(f(*args))
-    wall, cpu = [], []
-    for _ in range(repeats):
-        t0, c0 = time.perf_counter(), time.process_time()
-        jax.block_until_ready(f(*args))
-        wall.append(time.perf_counter() - t0)
-        cpu.append(time.process_time() - c0)
-    return float(np.min(wall)), float(np.min(cpu))
-
-
-def measure(fn, args, ct, repeats):
-    """Compiles forward and forward+backward (vjp with a cotangent), returns times and bytes."""
+def compile_modes(fn, args, ct):
+    """Compiles forward and forward+backward (vjp with a cotangent); returns, per mode, the
+    compiled function, its arguments, the collective bytes of its HLO and its temp bytes."""
     n_diff = 3
 
     def fwd_bwd(*a):
@@ -109,14 +102,40 @@ def measure(fn, args, ct, repeats):
     for mode, f, fargs in (("fwd", fn, args), ("fwd_bwd", fwd_bwd, (*args, ct))):
         c = jax.jit(f).lower(*fargs).compile()
         coll = hlo_collectives(c.as_text())
-        wall, cpu = _time(c, fargs, repeats)
-        res[mode] = {
-            "seconds": wall,
-            "cpu_seconds": cpu,
-            "wire_bytes": sum(v["wire_bytes"] for v in coll.values()),
-            "by_op": coll,
+        jax.block_until_ready(c(*fargs))  # warm-up
+        res[mode] = (c, fargs, coll, int(c.memory_analysis().temp_size_in_bytes))
+    return res
+
+
+def time_interleaved(compiled: list[dict], repeats: int) -> list[dict]:
+    """Best wall time and best process CPU time of every (case, mode) over ``repeats`` rounds.
+
+    Each round runs every case once, so all implementations see the same load from the other
+    jobs on the host (timing one after the other lets a load change favour either side). The 8
+    simulated devices share the host's cores, so the minimum is the least-disturbed run and CPU
+    time is the total work of all simulated devices.
+    """
+    best = [{m: [np.inf, np.inf] for m in c} for c in compiled]
+    for _ in range(repeats):
+        for case, b in zip(compiled, best, strict=True):
+            for mode, (f, fargs, *_) in case.items():
+                t0, c0 = time.perf_counter(), time.process_time()
+                jax.block_until_ready(f(*fargs))
+                wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+                b[mode] = [min(b[mode][0], wall), min(b[mode][1], cpu)]
+    return [
+        {
+            mode: {
+                "seconds": float(b[mode][0]),
+                "cpu_seconds": float(b[mode][1]),
+                "wire_bytes": sum(v["wire_bytes"] for v in case[mode][2].values()),
+                "by_op": case[mode][2],
+                "temp_bytes_per_device": case[mode][3],
+            }
+            for mode in case
         }
-    return res, c
+        for case, b in zip(compiled, best, strict=True)
+    ]
 
 
 def main() -> None:
@@ -125,9 +144,10 @@ def main() -> None:
     ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--dim", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--out", default="vs_ringattention.json", help="file name in bench/results")
     args = ap.parse_args()
     s, h, d = args.seq, args.heads, args.dim
-    rows = []
+    rows, compiled = [], []
     for kv_heads in (h, h // 4):
         rng = np.random.default_rng(0)
         q = rng.standard_normal((1, s, h, d), dtype=np.float32)
@@ -154,19 +174,26 @@ def main() -> None:
             if unperm is not None:
                 out = out[:, np.argsort(unperm)]
             err = float(np.max(np.abs(out - ref)))
-            res, _ = measure(fn, fargs, lay_ct, args.repeats)
+            compiled.append(compile_modes(fn, fargs, lay_ct))
             row = {"impl": name, "ring": ring, "ulysses": uly, "heads": h, "kv_heads": kv_heads}
-            row.update(seq=s, dim=d, fwd_max_abs_err_vs_dense=err, **res)
+            row.update(seq=s, dim=d, fwd_max_abs_err_vs_dense=err)
             rows.append(row)
-            print(
-                f"{name:22s} R={ring} U={uly} H={h} Hkv={kv_heads} err={err:.1e}  "
-                f"fwd {res['fwd']['seconds']:6.3f}s (cpu {res['fwd']['cpu_seconds']:6.3f}) "
-                f"{res['fwd']['wire_bytes'] / 2**20:7.2f} MiB  "
-                f"fwd+bwd {res['fwd_bwd']['seconds']:6.3f}s "
-                f"(cpu {res['fwd_bwd']['cpu_seconds']:6.3f}) "
-                f"{res['fwd_bwd']['wire_bytes'] / 2**20:8.2f} MiB",
-                flush=True,
-            )
+    load = os.getloadavg()
+    for row, res in zip(rows, time_interleaved(compiled, args.repeats), strict=True):
+        row.update(res)
+        print(
+            f"{row['impl']:22s} R={row['ring']} U={row['ulysses']} H={h} "
+            f"Hkv={row['kv_heads']} err={row['fwd_max_abs_err_vs_dense']:.1e}  "
+            f"fwd {res['fwd']['seconds']:6.3f}s (cpu {res['fwd']['cpu_seconds']:6.3f}) "
+            f"{res['fwd']['wire_bytes'] / 2**20:7.2f} MiB  "
+            f"fwd+bwd {res['fwd_bwd']['seconds']:6.3f}s "
+            f"(cpu {res['fwd_bwd']['cpu_seconds']:6.3f}) "
+            f"{res['fwd_bwd']['wire_bytes'] / 2**20:8.2f} MiB  "
+            f"temp {res['fwd_bwd']['temp_bytes_per_device'] / 2**20:5.1f} MiB/device",
+            flush=True,
+        )
+    load = [max(a, b) for a, b in zip(load, os.getloadavg(), strict=True)]
+    print(f"host load average (1, 5, 15 min), max of start and end of timing: {load}")
     for kv_heads in (h, h // 4):
         theirs = next(r for r in rows if r["kv_heads"] == kv_heads and r["impl"][0] == "r")
         for r in rows:
@@ -186,8 +213,11 @@ def main() -> None:
                     f"bytes x{vs['bytes_ratio']:.3f} of ringattention"
                 )
     RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / "vs_ringattention.json"
-    path.write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
+    path = RESULTS / args.out
+    malloc_env = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}
+    out = {"args": vars(args), "host_cpus": os.cpu_count(), "load_average_max": load}
+    out.update(malloc_env=malloc_env, rows=rows)
+    path.write_text(json.dumps(out, indent=1))
     print(f"wrote {path}")
 
 

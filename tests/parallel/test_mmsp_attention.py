@@ -135,8 +135,9 @@ def test_standalone_function_pads_and_restores_order():
 
 def test_zigzag_modes_follow_dual_chunk_schedule():
     """Under the zigzag layout the data-driven modes are exactly the dual-chunk schedule, so
-    every rank does one full causal block at step 0 and half a block on every later step; on a
-    contiguous layout blocks above the diagonal are skipped."""
+    every rank does the three unmasked quarters of its own block at step 0 and half a block on
+    every later step; on a contiguous layout blocks above the diagonal are skipped and the
+    diagonal block drops its (front q, back kv) quarter."""
     r_size, c = 4, 8
     perm = zigzag_2d_permutation(r_size * c, r_size, 1)
     blocks = perm.reshape(r_size, c)
@@ -147,13 +148,14 @@ def test_zigzag_modes_follow_dual_chunk_schedule():
             mode = int(
                 ring_mod.select_mode(seg, blocks[r][None], seg, blocks[j][None], causal=True)
             )
-            want = ring_mod.FULL if s == 0 else ring_mod.KV_FRONT if j < r else ring_mod.Q_BACK
+            want = ring_mod.DIAG if s == 0 else ring_mod.KV_FRONT if j < r else ring_mod.Q_BACK
             assert mode == want, (r, s, mode)
             contiguous = np.arange(r_size * c).reshape(r_size, c)
             mode_c = int(
                 ring_mod.select_mode(seg, contiguous[r][None], seg, contiguous[j][None], True)
             )
-            assert mode_c == (ring_mod.SKIP if j > r else ring_mod.FULL), (r, s, mode_c)
+            want_c = ring_mod.SKIP if j > r else ring_mod.DIAG if j == r else ring_mod.FULL
+            assert mode_c == want_c, (r, s, mode_c)
     # Packed rows: disjoint segment ranges are skipped even without causality.
     pos = np.arange(c)[None]
     mode = ring_mod.select_mode(seg, pos, seg + 1, pos, causal=False)
