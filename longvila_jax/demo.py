@@ -42,10 +42,10 @@ STAGES = ("demo_s1", "demo_s2", "demo_s3", "demo_s4", "demo_s5")
 CHANCE = 1 / 10  # one-digit secrets
 # Corpus sizes: enough distinct needle videos that stage 5 never sees one twice.
 CORPUS = {
-    "n_images": 400,
+    "n_images": 300,
     "n_videos": 60,
-    "n_needles": (1200, 40),
-    "n_short_needles": 600,
+    "n_needles": (800, 40),
+    "n_short_needles": 400,
     "needle_frames": 32,
 }
 
