@@ -1,24 +1,26 @@
 """Single-GPU zigzag-ring emulation whose inner blocks run a fused cuDNN kernel returning the LSE.
 
 On one GPU the ring's work is replayed sequentially: the row is cut into 2R chunks, virtual rank r
-owns C_r || C_{2R-1-r}, and for every (rank, step) the dual-chunk schedule's blocks run through
-``jax.nn.dot_product_attention(implementation="cudnn", return_residual=True)`` (causal or
-unmasked blocks only, which is all a single-segment zigzag needs) and merge in fp32 with the
-LSE, exactly as ``longvila_jax.parallel.ring`` merges. The cuDNN LSE has no gradient, so the
-blocks sit inside a ``jax.custom_vjp`` whose backward recomputes every block with the XLA
-kernels of ``ring.block_backward`` against the global LSE (a fused backward that accepts a
-global LSE is not exposed by jax 0.10.2).
+owns C_r || C_{2R-1-r}, and for every (rank, step) the dual-chunk schedule's blocks (causal or
+unmasked, all a single-segment zigzag needs) run through cuDNN flash attention with its softmax
+statistics (the LSE, kept in fp32) and merge in fp32 exactly as ``longvila_jax.parallel.ring``
+merges. The fused LSE has no gradient, so the blocks sit inside a ``jax.custom_vjp`` whose
+backward recomputes every block with the ring's XLA kernels (``ring.block_backward``) against
+the global LSE: jax 0.10.2 exposes no fused backward that takes a global LSE.
 
-Compared, at equal shapes: cuDNN full causal attention (the single-kernel ceiling), the zigzag
-emulation with cuDNN blocks, and the same emulation with the XLA blocks the ring uses on CPU.
-Forward error and gradient relative error are checked against full cuDNN before timing.
+Compared at equal shapes: full causal attention in one fused call (the single-kernel ceiling),
+the zigzag emulation with fused blocks, and the same emulation with the XLA blocks the ring uses
+on CPU. Forward error and gradient relative error against the full call are reported.
 
-Needs a CUDA GPU with cuDNN (``pip install jax[cuda12]==0.10.2``); on CPU it exits with a
-message. It has not been run in this repository yet: no GPU was lent (see bench/RESULTS.md).
+``--fused cudnn`` (the default) needs a CUDA GPU with cuDNN (``pip install
+jax[cuda12]==0.10.2``). ``--fused xla`` swaps in ``jax.nn.dot_product_attention``'s XLA path
+(same API, same residual), which is how tests/bench/test_gpu_fused.py checks the emulation,
+merge and backward on CPU. No GPU has been lent to this repository yet, so the cuDNN run and
+its results are still to come (see bench/RESULTS.md).
 
 Usage:
   python bench/gpu_fused.py [--seq 32768] [--heads 32] [--kv-heads 8] [--dim 128] [--ring 8]
-Writes bench/results/gpu_fused.json (with the device kind).
+Writes bench/results/gpu_fused.json (``--out``), with the device kind.
 """
 
 from __future__ import annotations
@@ -26,7 +28,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -40,11 +41,33 @@ from longvila_jax.parallel.ring import block_backward, block_forward
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def cudnn_block(q, k, v, causal, scale):
-    """Fused block: (o fp32 [b, t, h, d], lse fp32 [b, h, t])."""
+def fused_block(q, k, v, causal: bool, scale: float, fused: str):
+    """One block through a fused attention call that returns the LSE.
+
+    Args:
+      q: [b, t, h, d]; k, v: [b, s, hkv, d] (GQA grouped inside the kernel).
+      fused: "cudnn" (cuDNN flash attention) or "xla" (``jax.nn.dot_product_attention``'s XLA
+        path: the same API and residual layout, so the emulation can be checked on CPU).
+
+    Returns:
+      o: [b, t, h, d] fp32 (normalised), lse: [b, h, t] fp32.
+    """
+    if fused == "cudnn":
+        # jax.nn.dot_product_attention casts cuDNN's fp32 softmax statistics to the output
+        # dtype; a bf16 LSE of ~10 is off by up to ~0.04, i.e. ~4% in the merge weights. The
+        # cuDNN module's own entry point returns the statistics in fp32 ([b, h, t]).
+        from jax._src.cudnn import fused_attention_stablehlo as cudnn
+
+        mask = cudnn.MaskType.CAUSAL if causal else cudnn.MaskType.NO_MASK
+        out, lse = cudnn.dot_product_attention(
+            q, k, v, scale=scale, mask_type=mask, return_residual=True
+        )
+        return out.astype(jnp.float32), lse.astype(jnp.float32)
+    if fused != "xla":
+        raise ValueError(f"--fused must be 'cudnn' or 'xla', got {fused!r}")
     out, lse = jax.nn.dot_product_attention(
-        q, k, v, scale=scale, is_causal=causal, implementation="cudnn", return_residual=True
-    )
+        q, k, v, scale=scale, is_causal=causal, implementation="xla", return_residual=True
+    )  # lse [b, t, h] in the input dtype: exact for fp32 inputs
     return out.astype(jnp.float32), jnp.swapaxes(lse, 1, 2).astype(jnp.float32)
 
 
@@ -60,7 +83,12 @@ def xla_block(q, k, v, causal, scale, q_off, k_off, kv_chunk):
 
 
 def schedule(ring: int) -> list[tuple[int, int, bool]]:
-    """All (q_chunk, kv_chunk, causal) blocks of the zigzag ring, every rank and step."""
+    """All (q_chunk, kv_chunk, causal) blocks of the zigzag ring, every rank and step.
+
+    The row is cut into 2R chunks and rank r owns chunks r and 2R-1-r; at step s it holds the
+    KV of rank (r - s) mod R. Every causal (q_chunk >= kv_chunk) pair appears exactly once,
+    the diagonal ones as causal blocks.
+    """
     blocks = []
     for r in range(ring):
         f, bk = r, 2 * ring - 1 - r
@@ -86,8 +114,10 @@ def _merge(acc, blk):
     return o * w_old + o_b * w_new, new
 
 
-def make_zigzag(ring: int, scale: float, kind: str, kv_chunk: int):
-    """Causal attention on natural-order [b, L, h, d] through the emulated zigzag ring."""
+def make_zigzag(ring: int, scale: float, kv_chunk: int, fused: str | None = None):
+    """Causal attention on natural-order q [b, L, h, d], k/v [b, L, hkv, d] through the emulated
+    zigzag ring (L divisible by 2 * ring). Forward blocks: ``fused_block(fused)``, or the ring's
+    XLA kernels when ``fused`` is None; the backward always recomputes with the XLA kernels."""
 
     def chunks(x):
         return jnp.split(x, 2 * ring, axis=1)
@@ -97,10 +127,10 @@ def make_zigzag(ring: int, scale: float, kind: str, kv_chunk: int):
         qs, ks, vs = chunks(q), chunks(k), chunks(v)
         acc = [None] * (2 * ring)
         for qi, ki, causal in schedule(ring):
-            if kind == "cudnn":
-                blk = cudnn_block(qs[qi], ks[ki], vs[ki], causal, scale)
-            else:
+            if fused is None:
                 blk = xla_block(qs[qi], ks[ki], vs[ki], causal, scale, qi * c, ki * c, kv_chunk)
+            else:
+                blk = fused_block(qs[qi], ks[ki], vs[ki], causal, scale, fused)
             acc[qi] = _merge(acc[qi], blk)
         o = jnp.concatenate([a[0] for a in acc], axis=1)
         lse = jnp.concatenate([a[1] for a in acc], axis=2)
@@ -150,7 +180,20 @@ def _time(f, args, repeats):
     return float(np.min(ts))
 
 
-def main() -> None:
+def _fwd_bwd(fn):
+    def run(q, k, v, ct):
+        out, vjp = jax.vjp(fn, q, k, v)
+        return out, vjp(ct)
+
+    return jax.jit(run)
+
+
+def _max_rel(g, r):
+    g, r = g.astype(jnp.float32), r.astype(jnp.float32)
+    return float(jnp.max(jnp.abs(g - r)) / jnp.max(jnp.abs(r)))
+
+
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seq", type=int, default=32768)
     ap.add_argument("--heads", type=int, default=32)
@@ -159,54 +202,62 @@ def main() -> None:
     ap.add_argument("--ring", type=int, default=8)
     ap.add_argument("--kv-chunk", type=int, default=1024)
     ap.add_argument("--repeats", type=int, default=5)
-    args = ap.parse_args()
+    ap.add_argument("--fused", choices=("cudnn", "xla"), default="cudnn")
+    ap.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
+    ap.add_argument("--out", type=Path, default=RESULTS / "gpu_fused.json")
+    args = ap.parse_args(argv)
+    for name in ("seq", "heads", "kv_heads", "dim", "ring", "repeats"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.seq % (2 * args.ring):
+        ap.error(f"--seq {args.seq} must be divisible by 2 * --ring = {2 * args.ring}")
+    if args.heads % args.kv_heads:
+        ap.error(f"--heads {args.heads} must be a multiple of --kv-heads {args.kv_heads}")
+    return args
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Checks and times the three implementations; returns the JSON record."""
     dev = jax.devices()[0]
-    if dev.platform != "gpu":
-        sys.exit(f"bench/gpu_fused.py needs a CUDA GPU with cuDNN; found {dev.platform}")
+    if args.fused == "cudnn" and dev.platform != "gpu":
+        raise SystemExit(
+            f"--fused cudnn needs a CUDA GPU with cuDNN; found {dev.platform} "
+            "(--fused xla --dtype float32 checks the emulation on CPU)"
+        )
+    dtype = jnp.dtype(args.dtype)
     b, s, h, hkv, d = 1, args.seq, args.heads, args.kv_heads, args.dim
     keys = jax.random.split(jax.random.key(0), 4)
-    q = jax.random.normal(keys[0], (b, s, h, d), jnp.bfloat16)
-    k = jax.random.normal(keys[1], (b, s, hkv, d), jnp.bfloat16)
-    v = jax.random.normal(keys[2], (b, s, hkv, d), jnp.bfloat16)
-    ct = jax.random.normal(keys[3], (b, s, h, d), jnp.bfloat16)
+    q = jax.random.normal(keys[0], (b, s, h, d), dtype)
+    k = jax.random.normal(keys[1], (b, s, hkv, d), dtype)
+    v = jax.random.normal(keys[2], (b, s, hkv, d), dtype)
+    ct = jax.random.normal(keys[3], (b, s, h, d), dtype)
     scale = d**-0.5
 
     def full(q, k, v):
         return jax.nn.dot_product_attention(
-            q, k, v, scale=scale, is_causal=True, implementation="cudnn"
+            q, k, v, scale=scale, is_causal=True, implementation=args.fused
         )
 
     impls = {
-        "cudnn full causal": full,
-        "zigzag emulation, cuDNN blocks": make_zigzag(args.ring, scale, "cudnn", args.kv_chunk),
-        "zigzag emulation, XLA blocks": make_zigzag(args.ring, scale, "xla", args.kv_chunk),
+        f"{args.fused} full causal": full,
+        f"zigzag emulation, {args.fused} blocks": make_zigzag(
+            args.ring, scale, args.kv_chunk, fused=args.fused
+        ),
+        "zigzag emulation, XLA blocks": make_zigzag(args.ring, scale, args.kv_chunk),
     }
-
-    def fwd_bwd(fn):
-        def run(q, k, v, ct):
-            out, vjp = jax.vjp(fn, q, k, v)
-            return out, vjp(ct)
-
-        return jax.jit(run)
-
-    ref_out, ref_grads = fwd_bwd(full)(q, k, v, ct)
+    ref_out, ref_grads = _fwd_bwd(impls[f"{args.fused} full causal"])(q, k, v, ct)
     rows = []
     for name, fn in impls.items():
-        out, grads = fwd_bwd(fn)(q, k, v, ct)
+        fb = _fwd_bwd(fn)
+        out, grads = fb(q, k, v, ct)
         err = float(jnp.max(jnp.abs(out.astype(jnp.float32) - ref_out.astype(jnp.float32))))
-        rel = [
-            float(
-                jnp.max(jnp.abs(g.astype(jnp.float32) - r.astype(jnp.float32)))
-                / jnp.max(jnp.abs(r.astype(jnp.float32)))
-            )
-            for g, r in zip(grads, ref_grads, strict=True)
-        ]
+        rel = [_max_rel(g, r) for g, r in zip(grads, ref_grads, strict=True)]
         row = {
             "impl": name,
             "fwd_s": _time(jax.jit(fn), (q, k, v), args.repeats),
-            "fwd_bwd_s": _time(fwd_bwd(fn), (q, k, v, ct), args.repeats),
-            "fwd_max_abs_err_vs_cudnn": err,
-            "grad_max_rel_err_vs_cudnn": rel,
+            "fwd_bwd_s": _time(fb, (q, k, v, ct), args.repeats),
+            "fwd_max_abs_err_vs_full": err,
+            "grad_max_rel_err_vs_full": rel,
         }
         rows.append(row)
         print(
@@ -214,11 +265,18 @@ def main() -> None:
             f"  err {err:.2e}  grad rel {max(rel):.2e}",
             flush=True,
         )
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / "gpu_fused.json"
-    info = {"device_kind": dev.device_kind, "args": vars(args), "dtype": "bfloat16"}
-    path.write_text(json.dumps({**info, "rows": rows, "mask_value": MASK_VALUE}, indent=1))
-    print(f"device: {dev.device_kind}; wrote {path}")
+    info = {"device_kind": dev.device_kind, "args": {**vars(args), "out": str(args.out)}}
+    return {**info, "rows": rows, "mask_value": MASK_VALUE}
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    record = run(args)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=1))
+    tmp.replace(args.out)
+    print(f"device: {record['device_kind']}; wrote {args.out}")
 
 
 if __name__ == "__main__":
