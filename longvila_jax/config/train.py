@@ -18,6 +18,7 @@ Two levels of checks, both raising ``ConfigError`` naming the dotted field, neve
 from __future__ import annotations
 
 import copy
+import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -483,11 +484,21 @@ def _drop_mutable(d: Any) -> Any:
     return d
 
 
-def stage_fingerprint(stage: StageConfig) -> dict[str, Any]:
-    """The config fields a resumed run must share with the checkpoint (all but
-    :data:`RESUME_MUTABLE`). Referenced files (``model``, ``data.file``, ``mesh``) count by
-    path."""
-    return _drop_mutable(to_dict(stage))
+# Resolved data fields that only size buffers: they never change which rows a step sees.
+_RESOLVED_MUTABLE = ("worker_buffer_size", "read_buffer_size")
+
+
+def stage_fingerprint(stage: StageConfig, resolved: ResolvedStage | None = None) -> dict[str, Any]:
+    """The config a resumed run must share with the checkpoint: every stage field but
+    :data:`RESUME_MUTABLE` and, given ``resolved``, under ``resolved`` what the referenced
+    files hold (the model and data configs, so an edited YAML under the same path counts) and
+    the mesh axis sizes (so a CLI ``--mesh`` override counts too)."""
+    fp = _drop_mutable(to_dict(stage))
+    if resolved is not None:
+        data = {k: v for k, v in to_dict(resolved.data).items() if k not in _RESOLVED_MUTABLE}
+        contents = {"model": to_dict(resolved.model), "data": data, "mesh": resolved.mesh_sizes}
+        fp["resolved"] = json.loads(json.dumps(contents))  # as the checkpoint meta stores it
+    return fp
 
 
 _MISSING = "<absent>"
@@ -499,6 +510,8 @@ def fingerprint_diff(saved: Any, current: Any, prefix: str = "") -> list[tuple[s
     are ignored (checkpoints written before a field became mutable still record it)."""
     if not prefix:
         saved, current = _drop_mutable(saved), _drop_mutable(current)
+        if isinstance(saved, dict) and isinstance(current, dict) and "resolved" not in saved:
+            current = {k: v for k, v in current.items() if k != "resolved"}  # older checkpoints
     if not (isinstance(saved, dict) and isinstance(current, dict)):
         return [] if saved == current else [(prefix or "<stage>", saved, current)]
     out = []

@@ -375,8 +375,6 @@ def run_stage(
         print(f"stage {stage.name}: {run_dir / FINAL_DIR} exists; nothing to do")
         return EXIT_OK
     run_dir.mkdir(parents=True, exist_ok=True)
-    if primary:
-        save_yaml(stage, run_dir / "stage.yaml")
     init_ckpt = prepare_init(resolved, run_dir, primary)
     model_cfg = runtime_model(resolved, init_ckpt)
     resolved = dataclasses.replace(resolved, model=model_cfg)
@@ -413,7 +411,7 @@ def run_stage(
     # group read the same rows and each supplies its devices' slices (``host_shards``).
     shard = data_shard(mesh, resolved.mesh.activation_rules.get("batch", ()))
     data_it = DataIterator(resolved.data, shard.index, shard.count)
-    fingerprint = stage_fingerprint(stage)
+    fingerprint = stage_fingerprint(stage, resolved)
     try:  # the newest step matching its integrity manifest; corrupt newer ones moved aside
         latest = ckpt.restorable_step()
     except CorruptCheckpoints:
@@ -433,6 +431,9 @@ def run_stage(
             metrics.event("checkpoint_rejected", step=step, problem=problem)
         if latest is not None:
             check_resume_config(ckpt.read_meta(latest).get("stage"), fingerprint, run_dir, latest)
+        if primary:  # only now: a refused config must not replace the one that wrote the run
+            save_yaml(stage, run_dir / "stage.yaml")
+        if latest is not None:
             target = jax.tree.map(
                 lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, st_sh
             )

@@ -20,10 +20,11 @@ from pathlib import Path
 import pytest
 import torch
 import vila_fixture as vf
+from _xla_env import FAST_COMPILE
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-ENV.pop("XLA_FLAGS", None)
+ENV["XLA_FLAGS"] = FAST_COMPILE
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:

@@ -15,6 +15,7 @@ import jax
 import numpy as np
 import pytest
 import yaml
+from _xla_env import xla_flags
 from jax._src import monitoring
 
 from longvila_jax.config.base import ConfigError, load_config
@@ -274,7 +275,7 @@ def test_cli_rejects_bad_config_under_python_O(corpus, tmp_path):
         timeout=120,
         cwd=ROOT,
         env={
-            "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+            "XLA_FLAGS": xla_flags(8),
             "JAX_PLATFORMS": "cpu",
             "PATH": "/usr/bin:/bin",
         },

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from _eval_models import ROOT, make_model
+from _xla_env import FAST_COMPILE
 from flax import nnx
 
 from longvila_jax.eval.cli import parse_numbers, vniah_main
@@ -19,7 +20,7 @@ from longvila_jax.eval.cli import parse_numbers, vniah_main
 def _run(args: list[str], *, devices: bool = True, timeout: int = 300):
     env = dict(os.environ)
     if not devices:  # the command must set up its simulated devices itself
-        env.pop("XLA_FLAGS", None)
+        env["XLA_FLAGS"] = FAST_COMPILE
     return subprocess.run(
         [sys.executable, "-m", *args],
         cwd=ROOT,

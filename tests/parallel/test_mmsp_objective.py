@@ -13,6 +13,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from _stages import video_stage_dict
 from flax import nnx
 
 from longvila_jax.config.base import from_dict
@@ -24,7 +25,6 @@ from longvila_jax.parallel.mmsp import MMSPObjective, make_mmsp_objective
 from longvila_jax.train.objective import make_dense_objective
 from longvila_jax.train.state import ModelTemplate, flatten_model
 
-REPO = Path(__file__).resolve().parents[2]
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
@@ -38,42 +38,16 @@ def corpus(tmp_path_factory) -> Path:
 
 
 def _stage(corpus: Path, run_dir: Path) -> StageConfig:
-    return from_dict(
-        StageConfig,
-        {
-            "name": "mmsp_probe",
-            "model": str(REPO / "configs/model/tiny-qwen2.yaml"),
-            "init_from": "random",
-            "trainable": [".*"],
-            "data": {
-                "inline": {
-                    "root": str(corpus),
-                    "tokenizer_dir": "tokenizer",
-                    "datasets": [
-                        {"name": "videos", "manifest": "videos_qa.jsonl", "kind": "video"},
-                        {"name": "images", "manifest": "images.jsonl", "kind": "image"},
-                    ],
-                    "image_size": 64,
-                    "tokens_per_frame": 4,
-                    "num_video_frames": 8,
-                    "sp_degree": 8,
-                    "max_frames_per_row": 20,
-                    "max_segments_per_row": 4,
-                    "batch_size": 2,
-                    "decode_timeout_s": 0.0,
-                    "pad_multiple": 16,
-                }
-            },
-            "seq_len": 256,
-            "frames": 8,
-            "steps": 1,
-            "optim": {"lr": 1.0e-3, "warmup_steps": 0, "grad_accum": 2},
-            "objective": "dense",
-            "mesh": str(REPO / "configs/mesh/cpu8_r2u4.yaml"),
-            "run_dir": str(run_dir),
-            "tensorboard": False,
-        },
+    data = video_stage_dict(
+        corpus,
+        run_dir,
+        {"sp_degree": 8, "max_frames_per_row": 20, "batch_size": 2},
+        trainable=[".*"],
+        steps=1,
+        optim={"lr": 1.0e-3, "warmup_steps": 0, "grad_accum": 2},
+        objective="dense",
     )
+    return from_dict(StageConfig, data)
 
 
 @pytest.mark.slow

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from _mmsp_cases import max_abs, max_rel, packed_inputs
 from _mp_worker import HKV, B, D, H, T, run
+from _xla_env import jax_env
 
 from longvila_jax.models.attention import dense_attention
 from longvila_jax.parallel.mesh import MeshConfig, make_mesh
@@ -32,10 +33,7 @@ def _free_port() -> int:
 @pytest.mark.slow
 @pytest.mark.multiprocess
 def test_two_processes_match_one_process(tmp_path):
-    env = dict(os.environ)
-    # The children must not inherit the 8-device flag of conftest.py.
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
-    env["JAX_PLATFORMS"] = "cpu"
+    env = jax_env(4)  # not the 8 devices of conftest.py
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
     port, out = _free_port(), tmp_path / "mp.npz"
     procs = [

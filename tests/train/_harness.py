@@ -1,4 +1,5 @@
-"""Helpers for the trainer tests: tiny stage configs, trainer subprocesses, checkpoint damage.
+"""Helpers for the trainer tests: trainer subprocesses (single and distributed), checkpoint
+damage, and the tiny stage configs of ``tests/_stages.py``.
 
 Trainer subprocesses share one persistent JAX compilation cache per session, so only the first
 launch of a given program pays the XLA compile (cached executables are bit-identical).
@@ -6,64 +7,19 @@ launch of a given program pays the XLA compile (cached executables are bit-ident
 
 from __future__ import annotations
 
-import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
-import yaml
+from _stages import MESH, REPO, TINY_MODEL, stage_dict, video_stage_dict, write_stage
+from _xla_env import jax_env, xla_flags
 
-REPO = Path(__file__).resolve().parents[2]
-TINY_MODEL = str(REPO / "configs/model/tiny-qwen2.yaml")
-MESH = str(REPO / "configs/mesh/cpu8_r2u4.yaml")
-
-
-def stage_dict(corpus: Path, run_dir: Path, **overrides) -> dict:
-    """A tiny image + interleaved-document stage (frames go through the tower) as plain data."""
-    d = {
-        "name": "tiny",
-        "model": TINY_MODEL,
-        "init_from": "random",
-        "trainable": ["projector/.*", "llm/.*"],
-        "data": {
-            "inline": {
-                "root": str(corpus),
-                "tokenizer_dir": "tokenizer",
-                "datasets": [
-                    {"name": "images", "manifest": "images.jsonl", "kind": "image"},
-                    {"name": "docs", "manifest": "interleaved.jsonl", "kind": "interleaved"},
-                ],
-                "image_size": 64,
-                "tokens_per_frame": 4,
-                "max_frames_per_row": 4,
-                "max_segments_per_row": 4,
-                "batch_size": 2,
-                "decode_timeout_s": 0.0,
-                "pad_multiple": 16,
-            }
-        },
-        "seq_len": 128,
-        "steps": 6,
-        "optim": {"lr": 1.0e-3, "warmup_steps": 1},
-        "checkpoint": {"every": 2, "keep": 2},
-        "mesh": MESH,
-        "run_dir": str(run_dir),
-        "tensorboard": False,
-    }
-    for k, v in overrides.items():
-        d[k] = v
-    return d
-
-
-def write_stage(path: Path, data: dict) -> Path:
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-    return path
+__all__ = ["MESH", "REPO", "TINY_MODEL", "stage_dict", "video_stage_dict", "write_stage"]
 
 
 def trainer_env(jax_cache: Path, kill: str | None = None) -> dict:
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
-    env["JAX_PLATFORMS"] = "cpu"
+    env = jax_env(8, fast=False)  # cached executables rerun many times: keep -O2
     env["JAX_COMPILATION_CACHE_DIR"] = str(jax_cache)
     env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
@@ -101,6 +57,52 @@ def run_trainer(config: Path, jax_cache: Path, *, kill: str | None = None, timeo
         text=True,
         timeout=timeout,
     )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def distributed_env(jax_cache: Path, port: int, process_id: int, devices: int) -> dict:
+    """Trainer environment of process ``process_id`` of a 2-process job on localhost."""
+    env = trainer_env(jax_cache)
+    env["XLA_FLAGS"] = xla_flags(devices)  # each launch compiles once: -O0 is cheaper
+    env.update(
+        LONGVILA_COORDINATOR=f"127.0.0.1:{port}",
+        LONGVILA_NUM_PROCESSES="2",
+        LONGVILA_PROCESS_ID=str(process_id),
+    )
+    return env
+
+
+def run_concurrently(runs: list[tuple[Path, dict]], timeout: int = 300) -> None:
+    """Runs the trainer for every (config, env) at once, e.g. a one-process reference beside
+    the processes of a distributed job (compiling is mostly single-threaded, so they share two
+    cores better than two rounds would). Fails with the log of a launch that exits non-zero;
+    on a timeout every launch is killed."""
+    procs = [
+        subprocess.Popen(
+            trainer_cmd(cfg),
+            env=env,
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for cfg, env in runs
+    ]
+    logs = []
+    for p in procs:
+        try:
+            logs.append(p.communicate(timeout=timeout)[0])
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+    for p, log in zip(procs, logs, strict=True):
+        assert p.returncode == 0, log[-4000:]
 
 
 def array_file(step_dir: Path) -> Path:

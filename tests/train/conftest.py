@@ -17,5 +17,6 @@ def corpus(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def jax_cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("jax_cache")
+def jax_cache(jax_compilation_cache) -> Path:
+    """The trainer subprocesses share the session's compilation cache (tests/conftest.py)."""
+    return jax_compilation_cache

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from _harness import REPO, TINY_MODEL
+from _harness import video_stage_dict
 
 from longvila_jax.config.base import ConfigError, from_dict
 from longvila_jax.config.train import StageConfig, resolve_stage
@@ -66,43 +66,18 @@ def test_single_process_is_one_shard():
 
 
 def _stage(corpus, tmp_path, mesh_sets, **overrides) -> StageConfig:
-    return from_dict(
-        StageConfig,
-        {
-            "name": "shards",
-            "model": TINY_MODEL,
-            "init_from": "random",
-            "trainable": [".*"],
-            "data": {
-                "inline": {
-                    "root": str(corpus),
-                    "tokenizer_dir": "tokenizer",
-                    "datasets": [
-                        {"name": "videos", "manifest": "videos_qa.jsonl", "kind": "video"},
-                        {"name": "images", "manifest": "images.jsonl", "kind": "image"},
-                    ],
-                    "image_size": 64,
-                    "tokens_per_frame": 4,
-                    "num_video_frames": 8,
-                    "max_frames_per_row": 12,
-                    "max_segments_per_row": 4,
-                    "batch_size": 4,
-                    "decode_timeout_s": 0.0,
-                    "pad_multiple": 16,
-                }
-            },
-            "seq_len": 256,
-            "frames": 8,
-            "steps": 1,
-            "optim": {"lr": 1.0e-3, "grad_accum": 2},
-            "objective": "mmsp",
-            "mesh": str(REPO / "configs/mesh/cpu8_r2u4.yaml"),
-            "mesh_set": mesh_sets,
-            "run_dir": str(tmp_path / "run"),
-            "tensorboard": False,
-            **overrides,
-        },
+    data = video_stage_dict(
+        corpus,
+        tmp_path / "run",
+        {"max_frames_per_row": 12, "batch_size": 4},
+        trainable=[".*"],
+        steps=1,
+        optim={"lr": 1.0e-3, "grad_accum": 2},
+        objective="mmsp",
+        mesh_set=mesh_sets,
+        **overrides,
     )
+    return from_dict(StageConfig, data)
 
 
 @pytest.mark.parametrize("mesh_sets,per_process", [([], 4), (["data=2", "ring=2", "ulysses=2"], 2)])

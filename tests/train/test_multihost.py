@@ -8,22 +8,20 @@ another row order), so per-step losses agree to fp32 summation-order rounding.
 
 from __future__ import annotations
 
-import socket
-import subprocess
-
 import numpy as np
 import pytest
-from _harness import REPO, stage_dict, trainer_cmd, trainer_env, write_stage
+from _harness import (
+    distributed_env,
+    free_port,
+    run_concurrently,
+    stage_dict,
+    trainer_env,
+    write_stage,
+)
 
 from longvila_jax.train.metrics import read_metrics
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _stage(corpus, d, rows_per_host):
@@ -34,51 +32,13 @@ def _stage(corpus, d, rows_per_host):
 
 
 def test_two_hosts_match_one_host(corpus, jax_cache, tmp_path):
-    one = tmp_path / "one"
+    one, two = tmp_path / "one", tmp_path / "two"
     one.mkdir()
-    r = subprocess.run(
-        trainer_cmd(_stage(corpus, one, 4)),
-        env=trainer_env(jax_cache),
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert r.returncode == 0, r.stderr[-4000:]
-
-    two = tmp_path / "two"
     two.mkdir()
-    cfg = _stage(corpus, two, 2)
-    port = _free_port()
-    procs = []
-    for i in range(2):
-        env = trainer_env(jax_cache)
-        env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
-        env.update(
-            LONGVILA_COORDINATOR=f"127.0.0.1:{port}",
-            LONGVILA_NUM_PROCESSES="2",
-            LONGVILA_PROCESS_ID=str(i),
-        )
-        procs.append(
-            subprocess.Popen(
-                trainer_cmd(cfg),
-                env=env,
-                cwd=REPO,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
-        )
-    logs = []
-    for p in procs:
-        try:
-            logs.append(p.communicate(timeout=300)[0])
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise
-    for p, log in zip(procs, logs, strict=True):
-        assert p.returncode == 0, log[-4000:]
+    port, cfg = free_port(), _stage(corpus, two, 2)
+    runs = [(_stage(corpus, one, 4), trainer_env(jax_cache))]
+    runs += [(cfg, distributed_env(jax_cache, port, i, devices=4)) for i in range(2)]
+    run_concurrently(runs)
 
     ref, got = read_metrics(one / "run"), read_metrics(two / "run")
     assert sorted(ref) == sorted(got) == [1, 2, 3]

@@ -13,96 +13,47 @@ may add the same fp32 terms in another order.
 from __future__ import annotations
 
 import json
-import socket
-import subprocess
 
 import numpy as np
 import pytest
-from _harness import REPO, stage_dict, trainer_cmd, trainer_env, write_stage
+from _harness import (
+    distributed_env,
+    free_port,
+    run_concurrently,
+    trainer_env,
+    video_stage_dict,
+    write_stage,
+)
 
 from longvila_jax.train.metrics import read_metrics
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
-# LLVM -O0 on both sides: compile time dominates this test; the HLO is unchanged.
-FAST = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 STEPS = 3
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _stage(corpus, d):
     # Only the LLM trains: the frames still go through the tower and both routing hops across
     # the processes (the loss sees them), and the step compiles ~15% faster.
-    data = stage_dict(
+    data = video_stage_dict(
         corpus,
         d / "run",
+        {"sp_degree": 8, "max_frames_per_row": 12, "batch_size": 2},
         steps=STEPS,
         objective="mmsp",
-        seq_len=256,
-        frames=8,
         trainable=["llm/.*"],
+        checkpoint={"every": STEPS, "keep": 2},
     )
-    data["data"]["inline"].update(
-        datasets=[
-            {"name": "videos", "manifest": "videos_qa.jsonl", "kind": "video"},
-            {"name": "images", "manifest": "images.jsonl", "kind": "image"},
-        ],
-        num_video_frames=8,
-        sp_degree=8,
-        max_frames_per_row=12,
-        batch_size=2,
-    )
-    data["checkpoint"] = {"every": STEPS, "keep": 2}
     return write_stage(d / "stage.yaml", data)
-
-
-def _env(jax_cache, devices: int) -> dict:
-    env = trainer_env(jax_cache)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices} {FAST}"
-    return env
 
 
 def test_two_process_mmsp_matches_one_process(corpus, jax_cache, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     one.mkdir()
     two.mkdir()
-    port = _free_port()
-    # The one-process reference runs alongside the two processes: compiling is mostly
-    # single-threaded, so the three share two cores better than two rounds would.
-    runs = [(_stage(corpus, one), _env(jax_cache, 8))]
-    for i in range(2):
-        env = _env(jax_cache, 4)
-        env.update(
-            LONGVILA_COORDINATOR=f"127.0.0.1:{port}",
-            LONGVILA_NUM_PROCESSES="2",
-            LONGVILA_PROCESS_ID=str(i),
-        )
-        runs.append((two / "stage.yaml" if i else _stage(corpus, two), env))
-    procs = [
-        subprocess.Popen(
-            trainer_cmd(cfg),
-            env=env,
-            cwd=REPO,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for cfg, env in runs
-    ]
-    logs = []
-    for p in procs:
-        try:
-            logs.append(p.communicate(timeout=300)[0])
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise
-    for p, log in zip(procs, logs, strict=True):
-        assert p.returncode == 0, log[-4000:]
+    port, cfg = free_port(), _stage(corpus, two)
+    runs = [(_stage(corpus, one), trainer_env(jax_cache))]
+    runs += [(cfg, distributed_env(jax_cache, port, i, devices=4)) for i in range(2)]
+    run_concurrently(runs)
 
     ref, got = read_metrics(one / "run"), read_metrics(two / "run")
     assert sorted(ref) == sorted(got) == list(range(1, STEPS + 1))

@@ -3,7 +3,10 @@
 Each checkpoint's ``meta`` holds the stage fingerprint (every stage field except
 ``RESUME_MUTABLE``). The unit tests compare fingerprints of edited configs. The CLI test plants a
 checkpoint written under one config and reruns the trainer command with another; it must fail
-with a config error (exit 2) naming the field before anything is compiled.
+with a config error (exit 2) naming the field before anything is compiled, and leave the run's
+``stage.yaml`` alone. The fingerprint also holds what the referenced files resolved to (model
+and data configs) and the mesh sizes, so an edited model YAML under the same path or a CLI
+``--mesh`` override is refused too.
 """
 
 from __future__ import annotations
@@ -13,10 +16,15 @@ from pathlib import Path
 
 import jax.numpy as jnp
 import pytest
-from _harness import stage_dict, write_stage
+from _harness import REPO, TINY_MODEL, stage_dict, write_stage
 
 from longvila_jax.config.base import ConfigError, from_dict, to_dict
-from longvila_jax.config.train import RESUME_MUTABLE, StageConfig, stage_fingerprint
+from longvila_jax.config.train import (
+    RESUME_MUTABLE,
+    StageConfig,
+    resolve_stage,
+    stage_fingerprint,
+)
 from longvila_jax.train.checkpoint import Checkpointer
 from longvila_jax.train.loop import EXIT_CONFIG, check_resume_config
 
@@ -74,6 +82,32 @@ def test_bookkeeping_fields_may_change_on_resume(corpus, tmp_path):
     check_resume_config(to_dict(base), stage_fingerprint(changed), Path("run"), 4)
 
 
+def test_file_contents_and_mesh_override_count(corpus, tmp_path):
+    model = tmp_path / "model.yaml"
+    model.write_text(Path(TINY_MODEL).read_text())
+    base = _stage(corpus, tmp_path / "run", model=str(model))
+
+    def fp(**kw):
+        return stage_fingerprint(base, resolve_stage(base, num_devices=8, **kw))
+
+    saved = fp()
+    check_resume_config(saved, fp(), Path("run"), 4)
+    # Checkpoints written before the fingerprint held the resolved contents still resume.
+    check_resume_config(stage_fingerprint(base), saved, Path("run"), 4)
+
+    model.write_text(model.read_text().replace("rope_theta: 10000", "rope_theta: 500000"))
+    with pytest.raises(ConfigError) as e:
+        check_resume_config(saved, fp(), Path("run"), 4)
+    assert e.value.field == "resolved.model.llm.rope_theta"
+    assert "10000" in str(e.value) and "500000" in str(e.value)
+
+    model.write_text(Path(TINY_MODEL).read_text())
+    with pytest.raises(ConfigError) as e:
+        check_resume_config(saved, fp(mesh_path=str(REPO / "configs/mesh/cpu8_r8.yaml")), "r", 4)
+    assert e.value.field == "resolved.mesh.ring"
+    assert "also differs: resolved.mesh.ulysses" in str(e.value)
+
+
 class _Iter:
     def get_state(self) -> dict:
         return {"pos": 0}
@@ -102,3 +136,18 @@ def test_cli_refuses_a_run_dir_written_by_another_config(corpus, tmp_path, capsy
     assert "config error: trainable:" in err
     assert f"{run}: checkpoint 2 was written with trainable" in err
     assert not (run / "final").exists()
+    assert not (run / "stage.yaml").exists()  # the refused config is not recorded as the run's
+
+    # The stage the checkpoint was written with, but another mesh on the command line.
+    cfg = write_stage(tmp_path / "same.yaml", stage_dict(corpus, run))
+    ck = Checkpointer(run / "checkpoints", old.checkpoint)
+    try:
+        meta = {"step": 4, "stage": stage_fingerprint(old, resolve_stage(old, num_devices=8))}
+        ck.save(4, {"x": jnp.zeros(2)}, _Iter(), {**meta, "skips": {}})
+        ck.wait()
+    finally:
+        ck.close()
+    r8 = str(REPO / "configs/mesh/cpu8_r8.yaml")
+    assert main(["--config", str(cfg), "--mesh", r8, "--no-progress"]) == EXIT_CONFIG
+    assert "config error: resolved.mesh.ring:" in capsys.readouterr().err
+    assert not (run / "stage.yaml").exists()
