@@ -28,9 +28,20 @@ def jax_compilation_cache(tmp_path_factory):
     return d
 
 
-# The longest files (minutes each) go first: with ``--dist loadfile`` xdist hands files to the
+# The longest files go first, longest first: with ``--dist loadfile`` xdist hands files to the
 # workers in collection order, and a long file collected last would run alone at the end.
-LONGEST_FIRST = ("tests/train/test_resume.py", "tests/test_demo.py")
+LONGEST_FIRST = (
+    "tests/train/test_resume.py",
+    "tests/test_demo.py",
+    "tests/parallel/test_mmsp_attention.py",
+    "tests/parallel/test_mmsp_model.py",
+    "tests/train/test_multihost_mmsp.py",
+    "tests/ckpt/test_convert_cli.py",
+    "tests/train/test_step.py",
+    "tests/infer/test_infer_decode.py",
+    "tests/data/test_data_resume.py",
+    "tests/train/test_multihost.py",
+)
 
 
 def pytest_collection_modifyitems(config, items):
