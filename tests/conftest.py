@@ -28,8 +28,9 @@ def jax_compilation_cache(tmp_path_factory):
     return d
 
 
-# The longest files go first, longest first: with ``--dist loadfile`` xdist hands files to the
-# workers in collection order, and a long file collected last would run alone at the end.
+# The longest files go first, longest first: with ``--dist loadfile --no-loadscope-reorder``
+# (scripts/test.sh) xdist hands files to the workers in collection order, and a long file
+# collected last would run alone at the end.
 LONGEST_FIRST = (
     "tests/train/test_resume.py",
     "tests/test_demo.py",
