@@ -21,15 +21,15 @@ def xla_flags(devices: int, fast: bool = True) -> str:
     return f"{flags} {FAST_COMPILE}" if fast else flags
 
 
-def jax_env(devices: int, fast: bool = True) -> dict:
+def jax_env(devices: int, fast: bool = True, cache: Path | None = None) -> dict:
     """Environment for a jax subprocess: ``devices`` CPU devices, the fast flags (``fast``) and
-    the session's persistent compilation cache (when the test session has set one up)."""
+    the persistent compilation cache ``cache`` (default: the session's, when it has one)."""
     env = dict(os.environ)
     env["XLA_FLAGS"] = xla_flags(devices, fast)
     env["JAX_PLATFORMS"] = "cpu"
-    cache = os.environ.get(CACHE_ENV)
+    cache = cache or os.environ.get(CACHE_ENV)
     if cache:
-        env["JAX_COMPILATION_CACHE_DIR"] = cache
+        env["JAX_COMPILATION_CACHE_DIR"] = str(cache)
         env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
         env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
     return env

@@ -16,6 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from longvila_jax.models.attention import dense_attention
+
 SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "gpu_fused.py"
 
 
@@ -28,13 +30,10 @@ def gf():
 
 
 def dense_causal(q, k, v, scale):
-    """Reference: materialised scores, KV heads repeated, float32 softmax."""
-    rep = q.shape[2] // k.shape[2]
-    k, v = jnp.repeat(k, rep, axis=2), jnp.repeat(v, rep, axis=2)
-    s = jnp.einsum("bqhd,bkhd->bhqk", q, k, precision="highest") * scale
-    t = q.shape[1]
-    s = jnp.where(jnp.tril(jnp.ones((t, t), bool)), s, -jnp.inf)
-    return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(s, axis=-1), v, precision="highest")
+    """The project's dense reference (materialised scores) on one causal segment."""
+    b, t = q.shape[:2]
+    one, pos = jnp.ones((b, t), jnp.int32), jnp.broadcast_to(jnp.arange(t), (b, t))
+    return dense_attention(q, k, v, segment_ids=one, positions=pos, causal=True, scale=scale)
 
 
 @pytest.mark.parametrize("ring", [1, 2, 4, 8])

@@ -19,10 +19,7 @@ __all__ = ["MESH", "REPO", "TINY_MODEL", "stage_dict", "video_stage_dict", "writ
 
 
 def trainer_env(jax_cache: Path, kill: str | None = None) -> dict:
-    env = jax_env(8, fast=False)  # cached executables rerun many times: keep -O2
-    env["JAX_COMPILATION_CACHE_DIR"] = str(jax_cache)
-    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
-    env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+    env = jax_env(8, fast=False, cache=jax_cache)  # cached executables rerun often: keep -O2
     env["TOKENIZERS_PARALLELISM"] = "false"
     env.pop("LONGVILA_TEST_KILL", None)
     if kill:
