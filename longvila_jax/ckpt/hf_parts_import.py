@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from longvila_jax.ckpt import config_checks, hf_config, mapping
-from longvila_jax.ckpt.orbax_io import HF_DIR, atomic_dir, write_metadata
+from longvila_jax.ckpt.orbax_io import HF_DIR, checkpoint_dir, write_metadata
 from longvila_jax.ckpt.safetensors_io import DTYPE_NAMES, WeightSet
 from longvila_jax.ckpt.safetensors_writer import shard_plan
 from longvila_jax.ckpt.vila_import import (
@@ -113,7 +113,7 @@ def import_hf_parts(
         "model_type": "v2l_projector",
         "torch_dtype": _torch_dtype(cfg.param_dtype),
     }
-    with atomic_dir(out) as tmp:
+    with checkpoint_dir(out) as tmp:
         files = [f"llm/{f}" for f in copy_aux_files(source.dirs["llm"], tmp / HF_DIR / "llm")]
         vdir = tmp / HF_DIR / "vision_tower"
         if full_siglip:

@@ -30,6 +30,9 @@ import numpy as np
 
 from longvila_jax.config.base import load_config, save_yaml
 from longvila_jax.config.model import ModelConfig
+from longvila_jax.core import faults
+from longvila_jax.core.errors import CheckpointError
+from longvila_jax.core.manifest import MANIFEST_FILE, verify_dir, write_manifest
 
 MODEL_YAML = "model.yaml"
 PROVENANCE = "provenance.json"
@@ -56,10 +59,44 @@ def atomic_dir(out: str | Path) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
+        faults.hit("dir_commit")  # test kill point: complete, not yet renamed
         tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+@contextlib.contextmanager
+def checkpoint_dir(out: str | Path) -> Iterator[Path]:
+    """``atomic_dir`` for a project checkpoint: when the block succeeds, the per-file SHA-256
+    manifest (``core.manifest``) is written into the temporary directory before the rename,
+    so every visible project checkpoint carries one.
+
+    Raises:
+      FileExistsError: ``out`` already exists (never overwritten).
+    """
+    with atomic_dir(out) as tmp:
+        yield tmp
+        write_manifest(tmp)
+
+
+def verify_checkpoint(ckpt: str | Path) -> None:
+    """Checks a project checkpoint against its integrity manifest before anything is read.
+
+    Raises:
+      CheckpointError: naming the first bad file (missing, changed, unlisted, a link) or a
+        missing or unreadable manifest.
+    """
+    ckpt = Path(ckpt)
+    problem = verify_dir(ckpt, None, required=(MODEL_YAML, PROVENANCE))
+    if problem is not None:
+        hint = ""
+        if problem.startswith(f"{MANIFEST_FILE}: missing"):
+            hint = (
+                " (checkpoints written before integrity manifests existed can be sealed with "
+                "`python -m longvila_jax.convert seal --ckpt DIR` once you trust them)"
+            )
+        raise CheckpointError(f"{ckpt}: integrity check failed: {problem}{hint}")
 
 
 def params_dir(ckpt: str | Path) -> Path:
@@ -118,6 +155,7 @@ class ParamWriter:
             # The CPU device also keeps conversions off accelerator memory.
             cpu = jax.local_devices(backend="cpu")[0]
             self._ocp.partial.save(self.path, jax.device_put(self._pending, cpu))
+            faults.hit("ckpt_group")  # test kill point: one group of leaves saved
         self._pending, self._pending_bytes = {}, 0
         release_freed_memory()
 
@@ -253,7 +291,7 @@ def save_checkpoint(
       like: an existing project checkpoint.
     """
     like = Path(like)
-    with atomic_dir(out) as tmp:
+    with checkpoint_dir(out) as tmp:
         for name in (HF_DIR, UNUSED_DIR):
             if (like / name).is_dir():
                 shutil.copytree(like / name, tmp / name)

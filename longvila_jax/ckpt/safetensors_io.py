@@ -23,6 +23,8 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
+from longvila_jax.core.errors import CheckpointError
+
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 MAX_ENTRIES = 65536
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
@@ -57,10 +59,6 @@ def aligned_empty(shape: Sequence[int], dtype: np.dtype, align: int = 64) -> np.
     raw = np.empty(n + align, np.uint8)
     off = (-raw.ctypes.data) % align
     return raw[off : off + n].view(dtype).reshape(shape)
-
-
-class CheckpointError(ValueError):
-    """A weight file or checkpoint directory is malformed, incomplete or unsafe."""
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from longvila_jax.ckpt.safetensors_io import DTYPE_NAMES, DTYPES, CheckpointError, TensorInfo
+from longvila_jax.core import faults
 
 
 class SafetensorsWriter:
@@ -85,6 +86,7 @@ class SafetensorsWriter:
             self._tmp.unlink(missing_ok=True)
             raise CheckpointError(f"{self.path}: tensor {sorted(self.pending)[0]!r} never written")
         os.replace(self._tmp, self.path)
+        faults.hit("export_file")  # test kill point: one file complete
 
     def abort(self) -> None:
         self._f.close()

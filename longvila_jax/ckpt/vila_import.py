@@ -26,7 +26,7 @@ from longvila_jax.ckpt.orbax_io import (
     HF_DIR,
     UNUSED_DIR,
     ParamWriter,
-    atomic_dir,
+    checkpoint_dir,
     write_metadata,
 )
 from longvila_jax.ckpt.safetensors_io import (
@@ -267,7 +267,7 @@ def import_vila(
     tokenizer = hf_config.load_tokenizer_dir(source.dirs["llm"])
     cfg = hf_config.build_config(data, tokenizer, weights, overrides)
     plans = {c: plan_component(cfg, c, weights[c]) for c in COMPONENTS}
-    with atomic_dir(out) as tmp:
+    with checkpoint_dir(out) as tmp:
         files = copy_aux_files(src, tmp / HF_DIR)
         for c in COMPONENTS:
             files += [f"{c}/{f}" for f in copy_aux_files(source.dirs[c], tmp / HF_DIR / c)]

@@ -4,12 +4,16 @@ Every config class in the project is a frozen dataclass. ``from_dict`` builds on
 (YAML or JSON), rejecting unknown keys and wrongly typed values with a ``ConfigError`` that names
 the dotted field path; ``__post_init__`` hooks raise ``ConfigError`` for semantic checks and
 ``from_dict`` prefixes their messages with the path of the offending sub-config. Validation uses
-exceptions, never ``assert``, so it also runs under ``python -O``.
+exceptions, never ``assert``, so it also runs under ``python -O``. YAML is read with the checked
+loader of ``core.safe_load`` (size, depth, alias-expansion and duplicate-key limits), and values
+are quoted in messages through ``core.errors.brief``, so a hostile file cannot blow a message up.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -18,25 +22,11 @@ from typing import Any, TypeVar
 
 import yaml
 
+from longvila_jax.core.errors import ConfigError, brief
+from longvila_jax.core.safe_load import load_yaml_file, parse_yaml
+from longvila_jax.core.safe_paths import write_atomic
+
 T = TypeVar("T")
-
-
-class ConfigError(ValueError):
-    """A configuration value is missing, unknown, mistyped or inconsistent.
-
-    ``field`` is the dotted path of the offending field (``""`` for the whole config).
-    """
-
-    def __init__(self, field: str, message: str):
-        self.field = field
-        self.message = message
-        super().__init__(f"{field}: {message}" if field else message)
-
-    def under(self, prefix: str) -> ConfigError:
-        """Returns the same error with ``prefix`` prepended to the field path."""
-        if not prefix:
-            return self
-        return ConfigError(f"{prefix}.{self.field}" if self.field else prefix, self.message)
 
 
 def check(cond: bool, field: str, message: str) -> None:
@@ -73,20 +63,22 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
                 return _coerce(arg, value, path)
             except ConfigError as e:
                 errors.append(e.message)
-        raise ConfigError(path, f"expected {_type_name(tp)}, got {value!r} ({'; '.join(errors)})")
+        raise ConfigError(
+            path, f"expected {_type_name(tp)}, got {brief(value)} ({'; '.join(errors)})"
+        )
     if origin is typing.Literal:
         if value not in args:
-            raise ConfigError(path, f"must be one of {list(args)}, got {value!r}")
+            raise ConfigError(path, f"must be one of {list(args)}, got {brief(value)}")
         return value
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
         if not isinstance(value, Mapping):
-            raise ConfigError(path, f"expected a mapping for {tp.__name__}, got {value!r}")
+            raise ConfigError(path, f"expected a mapping for {tp.__name__}, got {brief(value)}")
         return from_dict(tp, value, path)
     if origin in (tuple, list, Sequence) or tp in (tuple, list):
         if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
-            raise ConfigError(path, f"expected a list, got {value!r}")
+            raise ConfigError(path, f"expected a list, got {brief(value)}")
         if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
             item_types = [args[0]] * len(value)
         elif origin is tuple and args:
@@ -101,7 +93,7 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
         )
     if origin in (dict, Mapping) or tp is dict:
         if not isinstance(value, Mapping):
-            raise ConfigError(path, f"expected a mapping, got {value!r}")
+            raise ConfigError(path, f"expected a mapping, got {brief(value)}")
         ktp, vtp = args if args else (Any, Any)
         return {
             _coerce(ktp, k, _join(path, str(k))): _coerce(vtp, v, _join(path, str(k)))
@@ -110,29 +102,30 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
     if tp is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(path, f"expected a boolean, got {value!r}")
+        raise ConfigError(path, f"expected a boolean, got {brief(value)}")
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
         if isinstance(value, float) and value.is_integer():
             return int(value)
-        raise ConfigError(path, f"expected an integer, got {value!r}")
+        raise ConfigError(path, f"expected an integer, got {brief(value)}")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-5" as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(path, f"expected a number, got {value!r}")
+            number = float(value) if abs(value) < 1e308 else math.inf
+        elif isinstance(value, str):  # YAML 1.1 reads "1e-5" as a string
+            with contextlib.suppress(ValueError):
+                number = float(value)
+        if number is not None and math.isfinite(number):
+            return number
+        raise ConfigError(path, f"expected a finite number, got {brief(value)}")
     if tp is str:
         if isinstance(value, str):
             return value
-        raise ConfigError(path, f"expected a string, got {value!r}")
+        raise ConfigError(path, f"expected a string, got {brief(value)}")
     if isinstance(tp, type) and isinstance(value, tp):
         return value
-    raise ConfigError(path, f"expected {_type_name(tp)}, got {value!r}")
+    raise ConfigError(path, f"expected {_type_name(tp)}, got {brief(value)}")
 
 
 def from_dict(cls: type[T], data: Mapping[str, Any], path: str = "") -> T:
@@ -147,10 +140,10 @@ def from_dict(cls: type[T], data: Mapping[str, Any], path: str = "") -> T:
       ConfigError: naming the dotted path of an unknown key, a mistyped value or a failed check.
     """
     if not isinstance(data, Mapping):
-        raise ConfigError(path, f"expected a mapping for {cls.__name__}, got {data!r}")
+        raise ConfigError(path, f"expected a mapping for {cls.__name__}, got {brief(data)}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(data) - set(fields))
+    unknown = sorted(set(data) - set(fields), key=str)
     if unknown:
         raise ConfigError(
             _join(path, str(unknown[0])),
@@ -185,7 +178,7 @@ def parse_override(item: str) -> tuple[str, Any]:
     key = key.strip()
     if not sep or not key:
         raise ConfigError(key, f"override {item!r} must have the form a.b.c=value")
-    value = yaml.safe_load(raw) if raw.strip() else ""
+    value = parse_yaml(raw, key) if raw.strip() else ""
     return key, value
 
 
@@ -213,14 +206,19 @@ def apply_overrides(cls: type[T], data: Mapping[str, Any], overrides: Sequence[s
     return from_dict(cls, full)
 
 
-def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Reads a YAML mapping; an empty file is ``{}``; anything else than a mapping is an error."""
-    text = Path(path).read_text()
-    data = yaml.safe_load(text)
+def load_yaml(path: str | Path, what: str = "") -> dict[str, Any]:
+    """Reads a YAML mapping; an empty file is ``{}``; anything else than a mapping is an error.
+
+    Raises:
+      ConfigError: naming ``what`` (the field that points at the file, ``""`` for a top-level
+        file) and the path: missing, not a regular file, too large, invalid or hostile YAML
+        (``core.safe_load``), or not a mapping.
+    """
+    data = load_yaml_file(path, what)
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError("", f"{path}: top level must be a mapping, got {type(data).__name__}")
+        raise ConfigError(what, f"{path}: top level must be a mapping, got {type(data).__name__}")
     return data
 
 
@@ -233,5 +231,5 @@ def load_config(cls: type[T], path: str | Path, overrides: Sequence[str] = ()) -
 
 
 def save_yaml(cfg: Any, path: str | Path) -> None:
-    """Writes a config as YAML (round-trips through ``load_config``)."""
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    """Writes a config as YAML (round-trips through ``load_config``), atomically."""
+    write_atomic(path, yaml.safe_dump(to_dict(cfg), sort_keys=False).encode())

@@ -287,10 +287,9 @@ def load_stage(path: str | Path, overrides: tuple[str, ...] | list[str] = ()) ->
 def model_config(stage: StageConfig) -> ModelConfig:
     """The stage's model YAML with ``model_set`` and the RoPE change applied."""
     extra = stage.rope.overrides() if stage.rope else ()
+    base = load_yaml(stage.model, "model")
     try:
-        return apply_overrides(ModelConfig, load_yaml(stage.model), (*stage.model_set, *extra))
-    except FileNotFoundError:
-        raise ConfigError("model", f"model YAML {stage.model} does not exist") from None
+        return apply_overrides(ModelConfig, base, (*stage.model_set, *extra))
     except ConfigError as e:
         raise e.under("model_set") if e.field else ConfigError("model", e.message) from None
 
@@ -302,10 +301,7 @@ def data_config(stage: StageConfig) -> DataConfig:
         base = to_dict(sec.inline)
         sets: tuple[str, ...] = ()
     else:
-        try:
-            base = load_yaml(sec.file)
-        except FileNotFoundError:
-            raise ConfigError("data.file", f"data YAML {sec.file} does not exist") from None
+        base = load_yaml(sec.file, "data.file")
         sets = sec.set
     extra = [f"max_length={stage.seq_len}"]
     if stage.frames:

@@ -103,6 +103,7 @@ def prepare_init(resolved: ResolvedStage, run_dir: Path, primary: bool) -> Path 
         return None
     target = run_dir / INIT_DIR
     if kind in ("stage", "path") and orbax_io.is_project_checkpoint(value):
+        orbax_io.verify_checkpoint(value)  # a tampered or damaged start is refused, named
         return value
     if kind == "stage":
         raise ConfigError("init_from", f"{value} is not a finished stage (no project checkpoint)")
@@ -126,6 +127,7 @@ def prepare_init(resolved: ResolvedStage, run_dir: Path, primary: bool) -> Path 
                 "init_from", f"{value} is neither a project checkpoint nor a VILA dir"
             )
     _barrier("init-import")
+    orbax_io.verify_checkpoint(target)
     return target
 
 
@@ -272,7 +274,7 @@ def finalize(
 def _write_random_final(out: Path, cfg: ModelConfig, host: dict) -> None:
     from longvila_jax.ckpt import orbax_io
 
-    with orbax_io.atomic_dir(out) as tmp:
+    with orbax_io.checkpoint_dir(out) as tmp:
         orbax_io.write_metadata(tmp, cfg, {"source": {"layout": "random"}})
         writer = orbax_io.ParamWriter(tmp)
         for name, value in host.items():

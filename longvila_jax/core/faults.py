@@ -1,0 +1,50 @@
+"""Named kill points for the kill-and-resume tests; inert unless a test arms one.
+
+``LONGVILA_TEST_KILL=<site>@<n>`` arms one point: the process SIGKILLs itself when it reaches
+``hit(site, n)`` (sites that know their training step pass it), or, for sites that pass no
+step, the ``n``-th time it reaches ``hit(site)`` (1-based, counted per process). The training
+loop's save-window sites (``train.checkpoint.KillSwitch``) use the same variable. Unset, or set
+to a site nobody calls, this module does nothing; no library code path depends on it.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import signal
+import sys
+
+KILL_ENV = "LONGVILA_TEST_KILL"
+_counts: collections.Counter[str] = collections.Counter()
+
+
+def armed() -> tuple[str, int] | None:
+    """The armed ``(site, n)``, or None."""
+    spec = os.environ.get(KILL_ENV, "")
+    site, _, n = spec.partition("@")
+    if not site or not n.isdigit():
+        return None
+    return site, int(n)
+
+
+def die(label: str) -> None:
+    """SIGKILLs this process after saying where (tests match the message)."""
+    sys.stderr.write(f"[kill-switch] SIGKILL at {label}\n")
+    sys.stderr.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def hit(site: str, step: int | None = None) -> None:
+    """A kill point: kills the process if ``site`` is armed for ``step`` (or, without a step,
+    for this occurrence of ``site``)."""
+    spec = armed()
+    if spec is None or spec[0] != site:
+        return
+    if step is None:
+        _counts[site] += 1
+        step = _counts[site]
+    if step == spec[1]:
+        die(f"{site}@{step}")
+
+
+__all__ = ["KILL_ENV", "armed", "die", "hit"]
