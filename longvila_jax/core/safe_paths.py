@@ -123,6 +123,20 @@ def join_inside(
     return path
 
 
+def resolve_inside(
+    root: str | os.PathLike, rel: object, what: str, error: type[Exception] = CheckpointError
+) -> Path:
+    """``root / rel`` for a file named by data we read (any file name, spaces included), refusing
+    absolute paths, ``..`` that climbs out and links that lead out of ``root``."""
+    if not isinstance(rel, str) or not rel or "\x00" in rel or os.path.isabs(rel):
+        raise make_error(error, what, f"{brief(rel)} is not a relative path")
+    root_abs = Path(os.path.abspath(root))
+    path = Path(os.path.normpath(root_abs / rel))
+    if not _within(path, root_abs) or (path.exists() and not target_allowed(path, root_abs)):
+        raise make_error(error, what, f"{brief(rel)} resolves outside {root}")
+    return path
+
+
 def open_regular(
     path: str | os.PathLike,
     what: str,
@@ -305,6 +319,7 @@ __all__ = [
     "open_regular",
     "prepare_parent",
     "read_regular",
+    "resolve_inside",
     "target_allowed",
     "write_atomic",
 ]

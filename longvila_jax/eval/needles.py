@@ -29,6 +29,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from longvila_jax.core.errors import InputError, brief
+from longvila_jax.core.safe_load import parse_json
+from longvila_jax.core.safe_paths import read_regular, resolve_inside
 from longvila_jax.data.glyphs import COLOURS, render_number
 from longvila_jax.data.synthetic import NEEDLE_QUESTION
 
@@ -141,8 +144,11 @@ def write_needles(out_dir: str | Path, needles: Sequence[Needle]) -> Path:
 def load_needles(needles_dir: str | Path, size: int) -> list[Needle]:
     """Reads a needles folder (``needles.jsonl`` + images), images resized to ``size``.
 
+    The manifest goes through the checked JSON loader and image paths must be relative
+    paths that stay inside the folder (``core.safe_paths``).
+
     Raises:
-      ValueError: missing manifest, bad rows (named by line) or unreadable images.
+      InputError: missing manifest, bad rows (named by line) or unreadable images.
     """
     from longvila_jax.data.image import load_image
     from longvila_jax.data.skips import SampleSkipped
@@ -150,27 +156,28 @@ def load_needles(needles_dir: str | Path, size: int) -> list[Needle]:
     root = Path(needles_dir)
     path = root / MANIFEST
     if not path.is_file():
-        raise ValueError(f"needles: {path} not found (make one with longvila_jax.eval.needles)")
+        raise InputError(f"needles: {path} not found (make one with longvila_jax.eval.needles)")
     out = []
-    for line_no, line in enumerate(path.read_text().splitlines(), 1):
+    raw = read_regular(path, "needles", InputError)
+    for line_no, line in enumerate(raw.splitlines(), 1):
         if not line.strip():
             continue
         where = f"{path}:{line_no}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{where}: not JSON ({e})") from None
+        row = parse_json(line, where, InputError)
+        if not isinstance(row, dict):
+            raise InputError(f"{where}: expected a JSON object")
         for key in ("image", "question", "answer"):
             if not isinstance(row.get(key), str) or not row[key].strip():
-                raise ValueError(f"{where}: field {key!r} must be a non-empty string")
+                raise InputError(f"{where}: field {key!r} must be a non-empty string")
+        image_path = resolve_inside(root, row["image"], f"{where}: image", InputError)
         try:
-            image = load_image(root / row["image"], size)
+            image = load_image(image_path, size)
         except (SampleSkipped, FileNotFoundError) as e:
-            raise ValueError(f"{where}: image {row['image']!r}: {e}") from None
+            raise InputError(f"{where}: image {brief(row['image'])}: {e}") from None
         nid = str(row.get("id", f"needle-{len(out)}"))
         out.append(Needle(nid, image, row["question"], row["answer"]))
     if not out:
-        raise ValueError(f"needles: {path} holds no needle")
+        raise InputError(f"needles: {path} holds no needle")
     return out
 
 
@@ -178,13 +185,21 @@ def numbers_from_manifest(path: str | Path) -> list[str]:
     """Secret numbers of a synthetic needle manifest (``needle_eval.jsonl`` of
     ``data.synthetic``): the first assistant reply of every row, in order."""
     out = []
-    for line_no, line in enumerate(Path(path).read_text().splitlines(), 1):
-        if line.strip():
-            row = json.loads(line)
-            replies = [t["value"] for t in row.get("conversations", []) if t["from"] == "gpt"]
-            if not replies or not replies[0].strip().isdigit():
-                raise ValueError(f"{path}:{line_no}: no numeric assistant reply")
-            out.append(replies[0].strip())
+    raw = read_regular(path, "needle manifest", InputError)
+    for line_no, line in enumerate(raw.splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{line_no}"
+        row = parse_json(line, where, InputError)
+        turns = row.get("conversations") if isinstance(row, dict) else None
+        replies = [
+            t.get("value")
+            for t in (turns if isinstance(turns, list) else [])
+            if isinstance(t, dict) and t.get("from") == "gpt"
+        ]
+        if not replies or not isinstance(replies[0], str) or not replies[0].strip().isdigit():
+            raise InputError(f"{where}: no numeric assistant reply")
+        out.append(replies[0].strip())
     return out
 
 

@@ -38,6 +38,10 @@ from pathlib import Path
 
 import numpy as np
 
+from longvila_jax.core.errors import InputError, brief
+from longvila_jax.core.safe_load import load_json, parse_json
+from longvila_jax.core.safe_paths import read_regular
+
 DURATIONS = ("short", "medium", "long")
 OPTION_PROMPT = (
     "Select the best answer to the following multiple-choice question based on the video. "
@@ -76,19 +80,21 @@ def _field(row: dict, names: Sequence[str], where: str, kind=str):
             if kind is str and isinstance(value, (int, float)):
                 value = str(value)
             if not isinstance(value, kind):
-                raise ValueError(f"{where}: field {name!r} must be {kind.__name__}, got {value!r}")
+                raise InputError(
+                    f"{where}: field {name!r} must be {kind.__name__}, got {brief(value)}"
+                )
             return value
-    raise ValueError(f"{where}: missing field {' / '.join(repr(n) for n in names)}")
+    raise InputError(f"{where}: missing field {' / '.join(repr(n) for n in names)}")
 
 
 def _question(row: dict, video: dict, where: str) -> MCQuestion:
     options = _field(row, ("options", "choices"), where, list)
     options = tuple(str(o) for o in options)
     if len(options) < 2:
-        raise ValueError(f"{where}: needs at least 2 options, got {options}")
+        raise InputError(f"{where}: needs at least 2 options, got {brief(options)}")
     for o in options:
         if not _OPTION_RE.match(o):
-            raise ValueError(f"{where}: option {o!r} does not start with a letter like 'A. '")
+            raise InputError(f"{where}: option {brief(o)} does not start with a letter like 'A. '")
     answer = _field(row, ("answer",), where).strip()
     q = MCQuestion(
         question_id=_field(row, ("question_id",), where),
@@ -103,11 +109,13 @@ def _question(row: dict, video: dict, where: str) -> MCQuestion:
         sub_category=str(video.get("sub_category", video.get("video_subcategory", ""))),
     )
     if len(set(q.letters)) != len(q.letters):
-        raise ValueError(f"{where}: repeated option letters {q.letters}")
+        raise InputError(f"{where}: repeated option letters {q.letters}")
     if answer not in q.letters:
-        raise ValueError(f"{where}: answer {answer!r} is not one of the option letters {q.letters}")
+        raise InputError(
+            f"{where}: answer {brief(answer)} is not one of the option letters {q.letters}"
+        )
     if q.duration not in DURATIONS:
-        raise ValueError(f"{where}: duration {q.duration!r} is not one of {DURATIONS}")
+        raise InputError(f"{where}: duration {brief(q.duration)} is not one of {DURATIONS}")
     return q
 
 
@@ -118,28 +126,35 @@ def parse_annotations(records: list, source: str = "annotations") -> list[MCQues
       ValueError: naming the record and the field.
     """
     if not isinstance(records, list):
-        raise ValueError(f"{source}: expected a list of records, got {type(records).__name__}")
+        raise InputError(f"{source}: expected a list of records, got {type(records).__name__}")
     out = []
     for i, rec in enumerate(records):
         where = f"{source}[{i}]"
         if not isinstance(rec, dict):
-            raise ValueError(f"{where}: expected an object, got {type(rec).__name__}")
+            raise InputError(f"{where}: expected an object, got {type(rec).__name__}")
         if "questions" in rec:
             qs = rec["questions"]
             if not isinstance(qs, list):
-                raise ValueError(f"{where}: field 'questions' must be a list")
+                raise InputError(f"{where}: field 'questions' must be a list")
             out += [_question(q, rec, f"{where}.questions[{j}]") for j, q in enumerate(qs)]
         else:
             out.append(_question(rec, rec, where))
     ids = [q.question_id for q in out]
     dup = sorted({i for i in ids if ids.count(i) > 1})
     if dup:
-        raise ValueError(f"{source}: repeated question_id {dup[:5]}")
+        raise InputError(f"{source}: repeated question_id {dup[:5]}")
     return out
 
 
 def load_annotations(path: str | Path) -> list[MCQuestion]:
-    """Reads ``.parquet`` (needs pyarrow), ``.json`` or ``.jsonl`` annotations."""
+    """Reads ``.parquet`` (needs pyarrow), ``.json`` or ``.jsonl`` annotations.
+
+    JSON goes through the checked loader (``core.safe_load``: no duplicate keys, NaN or deep
+    nesting) and the file must be a regular file (a FIFO is refused, not waited on).
+
+    Raises:
+      InputError: naming the file (and line) or the record and field.
+    """
     path = Path(path)
     if path.suffix == ".parquet":
         try:
@@ -151,19 +166,13 @@ def load_annotations(path: str | Path) -> list[MCQuestion]:
             ) from None
         records = pq.read_table(path).to_pylist()
     elif path.suffix == ".jsonl":
-        lines = path.read_text().splitlines()
+        raw = read_regular(path, "annotations", InputError)
         records = []
-        for n, line in enumerate(lines, 1):
+        for n, line in enumerate(raw.splitlines(), 1):
             if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{n}: not JSON ({e})") from None
+                records.append(parse_json(line, f"{path}:{n}", InputError))
     else:
-        try:
-            records = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not JSON ({e})") from None
+        records = load_json(path, "annotations", InputError, expect=None, max_bytes=None)
     return parse_annotations(records, str(path))
 
 
@@ -175,6 +184,8 @@ def question_text(q: MCQuestion) -> str:
 def find_video(video_dir: str | Path, q: MCQuestion) -> Path:
     """``<videoID>.mp4`` (or .MP4 / .mkv), falling back to ``<video_id>.*``."""
     for stem in dict.fromkeys((q.videoID, q.video_id)):
+        if "/" in stem or "\\" in stem or "\x00" in stem or stem in (".", ".."):
+            raise InputError(f"question {q.question_id}: video id {brief(stem)} is not a name")
         for suffix in _VIDEO_SUFFIXES:
             p = Path(video_dir) / f"{stem}{suffix}"
             if p.is_file():
