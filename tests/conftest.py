@@ -32,11 +32,13 @@ def jax_compilation_cache(tmp_path_factory):
 # (scripts/test.sh) xdist hands files to the workers in collection order, and a long file
 # collected last would run alone at the end.
 LONGEST_FIRST = (
-    "tests/train/test_resume.py",
     "tests/test_demo.py",
+    "tests/train/test_resume.py",
+    "tests/train/test_resume_offsets.py",
     "tests/parallel/test_mmsp_attention.py",
     "tests/parallel/test_mmsp_model.py",
     "tests/train/test_multihost_mmsp.py",
+    "tests/train/test_resume_final.py",
     "tests/ckpt/test_convert_cli.py",
     "tests/train/test_step.py",
     "tests/infer/test_infer_decode.py",

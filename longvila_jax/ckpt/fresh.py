@@ -7,13 +7,16 @@ without attention-pool head, like NVILA's 448 px tower), VILA glue configs, safe
 torch layout and the tokenizer files. The SigLIP layers the model does not run (beyond
 ``select_layer``) and ``post_layernorm`` are written too, freshly initialised, so the result is a
 complete ``SiglipVisionModel`` checkpoint that transformers loads.
+
+The output is a VILA layout for PyTorch, not a project checkpoint, so it carries no integrity
+manifest; the tokenizer files are copied as regular files only (never through a link out of
+the tokenizer folder, never from a FIFO).
 """
 
 from __future__ import annotations
 
 import json
 import re
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +28,7 @@ from longvila_jax.ckpt.hf_parts_import import top_level_config
 from longvila_jax.ckpt.orbax_io import atomic_dir
 from longvila_jax.ckpt.safetensors_writer import write_tensors
 from longvila_jax.config.model import ModelConfig
+from longvila_jax.core.safe_paths import copy_file, is_regular
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -179,11 +183,11 @@ def write_vila(model, tokenizer_dir: str | Path, out: str | Path, *, seed: int =
             if component == "vision_tower":
                 tensors.update(_unused_vision_tensors(cfg, tensors, seed))
             write_tensors(sub, dict(sorted(tensors.items())))
-        copied = [f for f in TOKENIZER_FILES if (tokenizer_dir / f).is_file()]
+        copied = [f for f in TOKENIZER_FILES if is_regular(tokenizer_dir / f, tokenizer_dir)]
         if "tokenizer.json" not in copied:
             raise FileNotFoundError(f"{tokenizer_dir} has no tokenizer.json")
         for f in copied:
-            shutil.copyfile(tokenizer_dir / f, tmp / "llm" / f)
+            copy_file(tokenizer_dir / f, tmp / "llm" / f, f, root=tokenizer_dir)
         top = _with_token_order(cfg, top_level_config(cfg, configs))
         (tmp / "config.json").write_text(json.dumps(top, indent=2) + "\n")
     return Path(out)

@@ -11,18 +11,23 @@ Two source layouts:
 
 Every disagreement (top-level vs sub-folder configs, configs vs tensor shapes, vocabulary vs
 tokenizer, image token id) raises ``ConfigError`` naming the field (the last three checks live
-in ``config_checks``). Only JSON is parsed here;
-tokenizers are loaded with ``trust_remote_code=False`` from local files.
+in ``config_checks``). Only JSON is parsed here, with the checked loader (``core.safe_load``:
+regular files inside the source folder, no duplicate keys, bounded size and depth), and every
+value taken from it is type-checked by the getters of ``hf_fields`` (a string where a number
+belongs, a list where an object belongs, a size that is not a positive integer all end as a
+``ConfigError`` naming the field); tokenizers are loaded with ``trust_remote_code=False`` from
+local files whose folder was checked first (no FIFOs, no links out of the source).
 """
 
 from __future__ import annotations
 
-import json
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from longvila_jax.ckpt.checks import check_source_dir
 from longvila_jax.ckpt.config_checks import (
     IMAGE_TOKEN,
     check_shapes,
@@ -30,27 +35,15 @@ from longvila_jax.ckpt.config_checks import (
     image_token_id,
     stored_dtype,
 )
+from longvila_jax.ckpt.hf_fields import llm_fields, optional_map, typed, vision_fields
 from longvila_jax.ckpt.safetensors_io import WeightSet
 from longvila_jax.config.base import ConfigError, apply_overrides
 from longvila_jax.config.model import ModelConfig
+from longvila_jax.core.errors import brief
+from longvila_jax.core.safe_load import MAX_CONFIG_BYTES, parse_json
+from longvila_jax.core.safe_paths import read_regular
 
 COMPONENTS = ("llm", "vision_tower", "mm_projector")
-_LLM_DEFAULTS = {
-    "llama": dict(vocab_size=32000, max_position_embeddings=2048),
-    "qwen2": dict(vocab_size=151936, max_position_embeddings=32768),
-}
-# transformers' SiglipVisionConfig defaults, used for keys a config file leaves out.
-_SIGLIP_DEFAULTS = dict(
-    hidden_size=768,
-    intermediate_size=3072,
-    num_hidden_layers=12,
-    num_attention_heads=12,
-    num_channels=3,
-    image_size=224,
-    patch_size=16,
-    hidden_act="gelu_pytorch_tanh",
-    layer_norm_eps=1e-6,
-)
 
 
 @dataclass
@@ -69,101 +62,59 @@ class Source:
     notes: list[str] = field(default_factory=list)
 
 
-def read_json(path: Path, what: str) -> dict:
-    """Parses a JSON object file, raising ``ConfigError(what)`` when it is missing or invalid."""
-    if not path.is_file():
-        raise ConfigError(what, f"{path} does not exist")
+def read_json(path: Path, what: str, root: str | os.PathLike | None = None) -> dict:
+    """Parses a JSON object file with the checked loader.
+
+    Args:
+      path: the file.
+      what: the field name for errors (``config.json``, ``llm/config.json``).
+      root: the source folder: a symlink of ``path`` must stay inside it.
+
+    Raises:
+      ConfigError(what): missing, not a regular file (a FIFO ...), a link out of ``root``,
+        invalid JSON (duplicate keys, too deep ...), or not an object.
+    """
+    raw = read_regular(path, what, ConfigError, max_bytes=MAX_CONFIG_BYTES, root=root)
     try:
-        data = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConfigError(what, f"{path} is not valid JSON ({e})") from None
+        data = parse_json(raw, what, ConfigError)
+    except ConfigError as e:
+        raise ConfigError(what, f"{path} is not valid JSON: {e.message}") from None
     if not isinstance(data, dict):
-        raise ConfigError(what, f"{path} must hold a JSON object")
+        raise ConfigError(what, f"{path} must hold a JSON object, not {type(data).__name__}")
     return data
 
 
-def _rope(d: Mapping[str, Any]) -> tuple[float, dict | None]:
-    """(theta, rope_scaling) from transformers-5 ``rope_parameters`` or legacy keys."""
-    rp = d.get("rope_parameters")
-    if isinstance(rp, Mapping):
-        theta = rp.get("rope_theta", d.get("rope_theta", 10000.0))
-        params = rp
-    else:
-        theta = d.get("rope_theta", 10000.0)
-        params = d.get("rope_scaling") or {}
-    kind = params.get("rope_type", params.get("type", "default"))
-    if kind == "default":
-        return float(theta), None
-    if kind == "linear":
-        return float(theta), {"type": "linear", "factor": float(params.get("factor", 1.0))}
-    raise ConfigError("llm.rope_scaling", f"unsupported RoPE type {kind!r} (default, linear)")
+def load_tokenizer_dir(directory: Path, root: str | os.PathLike | None = None):
+    """Loads a tokenizer from local files only (never the hub, never remote code).
 
+    transformers opens the files itself, so the folder is checked first: no FIFO (it would
+    hang the load) and no symlink out of ``root`` (default: the folder).
 
-def llm_fields(d: Mapping[str, Any]) -> dict:
-    """``LLMConfig`` fields from an HF Llama / Qwen2 ``config.json`` dict."""
-    arch = d.get("model_type")
-    if arch not in _LLM_DEFAULTS:
-        raise ConfigError("llm.arch", f"unsupported LLM model_type {arch!r} (llama, qwen2)")
-    if d.get("use_sliding_window"):
-        raise ConfigError("llm.use_sliding_window", "sliding-window attention is not supported")
-    act = d.get("hidden_act", "silu")
-    if act != "silu":
-        raise ConfigError("llm.hidden_act", f"unsupported activation {act!r}")
-    theta, scaling = _rope(d)
-    heads = d.get("num_attention_heads", 32)
-    out = dict(
-        arch=arch,
-        vocab_size=d.get("vocab_size", _LLM_DEFAULTS[arch]["vocab_size"]),
-        hidden_size=d.get("hidden_size", 4096),
-        intermediate_size=d.get("intermediate_size", 11008 if arch == "llama" else 22016),
-        num_hidden_layers=d.get("num_hidden_layers", 32),
-        num_attention_heads=heads,
-        num_key_value_heads=d.get("num_key_value_heads") or heads,
-        head_dim=d.get("head_dim"),
-        rms_norm_eps=d.get("rms_norm_eps", 1e-6),
-        rope_theta=theta,
-        rope_scaling=scaling,
-        max_position_embeddings=d.get(
-            "max_position_embeddings", _LLM_DEFAULTS[arch]["max_position_embeddings"]
-        ),
-        tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-        qkv_bias=True if arch == "qwen2" else bool(d.get("attention_bias", False)),
-        o_bias=False if arch == "qwen2" else bool(d.get("attention_bias", False)),
-        mlp_bias=False if arch == "qwen2" else bool(d.get("mlp_bias", False)),
-    )
-    return out
-
-
-def vision_fields(d: Mapping[str, Any]) -> dict:
-    """``VisionConfig`` fields (without ``select_layer``) from a SigLIP config dict."""
-    if d.get("model_type") == "siglip" or "vision_config" in d:
-        d = d.get("vision_config") or {}
-    mt = d.get("model_type", "siglip_vision_model")
-    if mt not in ("siglip_vision_model", "siglip"):
-        raise ConfigError("vision", f"unsupported vision tower model_type {mt!r} (SigLIP only)")
-    return {k: d.get(k, v) for k, v in _SIGLIP_DEFAULTS.items()}
-
-
-def load_tokenizer_dir(directory: Path):
-    """Loads a tokenizer from local files only (never the hub, never remote code)."""
+    Raises:
+      CheckpointError: a special file or an escaping link in the folder (named).
+      ConfigError: transformers cannot load a tokenizer from it.
+    """
     from transformers import AutoTokenizer
 
+    check_source_dir(directory, root if root is not None else directory)
     try:
         return AutoTokenizer.from_pretrained(
             str(directory), local_files_only=True, trust_remote_code=False
         )
-    except (OSError, ValueError) as e:
-        raise ConfigError("tokenizer", f"cannot load a tokenizer from {directory}: {e}") from None
+    except Exception as e:  # noqa: BLE001 (any failure of a third-party parser on the files)
+        raise ConfigError(
+            "tokenizer", f"cannot load a tokenizer from {directory}: {brief(str(e))}"
+        ) from None
 
 
 def _vila_top(root: Path) -> tuple[dict, str, list[str]]:
-    top = read_json(root / "config.json", "config.json")
+    top = read_json(root / "config.json", "config.json", root)
     notes = []
     if (root / "config_vila_style.json").is_file():
         # LongVILA-R1 style: config.json drives remote code; the VILA-style file is data.
         notes.append("read config_vila_style.json (config.json is a remote-code config)")
         return (
-            read_json(root / "config_vila_style.json", "config_vila_style.json"),
+            read_json(root / "config_vila_style.json", "config_vila_style.json", root),
             ("config_vila_style.json"),
             notes,
         )
@@ -171,17 +122,18 @@ def _vila_top(root: Path) -> tuple[dict, str, list[str]]:
 
 
 def _cross_check(top_cfg: Any, sub: Mapping, keys: Sequence[str], top_name: str, sub_name: str):
-    if not isinstance(top_cfg, Mapping):
+    top_cfg = optional_map(top_cfg, top_name)
+    if top_cfg is None:
         return
     if "vision_config" in top_cfg:
-        top_cfg = top_cfg["vision_config"]
+        top_cfg = optional_map(top_cfg["vision_config"], f"{top_name}.vision_config") or {}
     if "vision_config" in sub:
-        sub = sub["vision_config"]
+        sub = optional_map(sub["vision_config"], f"{sub_name}.vision_config") or {}
     for k in keys:
         if k in top_cfg and k in sub and top_cfg[k] != sub[k]:
             raise ConfigError(
                 f"{top_name}.{k}",
-                f"top-level config says {top_cfg[k]!r}, {sub_name} says {sub[k]!r}",
+                f"top-level config says {brief(top_cfg[k])}, {sub_name} says {brief(sub[k])}",
             )
 
 
@@ -213,10 +165,10 @@ def read_vila(root: str | Path) -> tuple[dict, Source]:
     for c, d in dirs.items():
         if not d.is_dir():
             raise ConfigError(c, f"{root} has no {c}/ sub-folder (not a VILA layout)")
-    configs = {c: read_json(d / "config.json", f"{c}/config.json") for c, d in dirs.items()}
+    configs = {c: read_json(d / "config.json", f"{c}/config.json", root) for c, d in dirs.items()}
     llm = llm_fields(configs["llm"])
     vision = vision_fields(configs["vision_tower"])
-    ptype = configs["mm_projector"].get("mm_projector_type")
+    ptype = typed(configs["mm_projector"], "mm_projector_type", str, None, "projector.type")
     _cross_check(
         top.get("llm_cfg"),
         configs["llm"],
@@ -252,26 +204,30 @@ def read_vila(root: str | Path) -> tuple[dict, Source]:
         "mm_projector_cfg",
         "mm_projector/config.json",
     )
-    if "hidden_size" in top and top["hidden_size"] != llm["hidden_size"]:
+    if ptype is None:
+        raise ConfigError("projector.type", "mm_projector/config.json has no mm_projector_type")
+    hidden = typed(top, "hidden_size", "size", None, "hidden_size")
+    if hidden is not None and hidden != llm["hidden_size"]:
         raise ConfigError(
             "hidden_size",
-            f"top-level config says {top['hidden_size']}, llm/config.json {llm['hidden_size']}",
+            f"top-level config says {hidden}, llm/config.json {llm['hidden_size']}",
         )
-    if "mm_hidden_size" in top and top["mm_hidden_size"] != vision["hidden_size"]:
+    mm_hidden = typed(top, "mm_hidden_size", "size", None, "mm_hidden_size")
+    if mm_hidden is not None and mm_hidden != vision["hidden_size"]:
         raise ConfigError(
             "mm_hidden_size",
-            f"top-level config says {top['mm_hidden_size']}, vision tower hidden_size is "
+            f"top-level config says {mm_hidden}, vision tower hidden_size is "
             f"{vision['hidden_size']}",
         )
-    feature = top.get("mm_vision_select_feature", "cls_patch")
+    feature = typed(top, "mm_vision_select_feature", str, "cls_patch", "mm_vision_select_feature")
     if feature != "cls_patch":
         raise ConfigError(
-            "mm_vision_select_feature", f"only cls_patch is supported, got {feature!r}"
+            "mm_vision_select_feature", f"only cls_patch is supported, got {brief(feature)}"
         )
-    vision["select_layer"] = top.get("mm_vision_select_layer", -2)
+    vision["select_layer"] = typed(top, "mm_vision_select_layer", int, -2, "vision.select_layer")
     data = dict(
         vision=vision,
-        projector=dict(type=ptype, token_order=token_order_default(str(ptype), top, llm["arch"])),
+        projector=dict(type=ptype, token_order=token_order_default(ptype, top, llm["arch"])),
         llm=llm,
     )
     src = Source("vila", dirs, configs, top=top, top_file=top_file, root=root, notes=notes)
@@ -283,7 +239,7 @@ def read_hf_parts(
 ) -> tuple[dict, Source]:
     """Reads a plain HF LLM folder plus a SigLIP folder; the projector will be new."""
     dirs = {"llm": Path(llm_dir), "vision_tower": Path(vision_dir)}
-    configs = {c: read_json(d / "config.json", f"{c}/config.json") for c, d in dirs.items()}
+    configs = {c: read_json(d / "config.json", f"{c}/config.json", d) for c, d in dirs.items()}
     llm = llm_fields(configs["llm"])
     vision = vision_fields(configs["vision_tower"])
     vision["select_layer"] = -2

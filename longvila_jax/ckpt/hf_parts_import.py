@@ -4,12 +4,13 @@ The LLM and vision-tower tensors stream exactly as in ``vila_import``; the proje
 initialised. The project checkpoint gets generated VILA glue (top-level ``config.json`` and
 ``mm_projector/config.json``), so it exports to an ordinary VILA layout. A full SiglipModel
 (vision + text towers, as ``google/siglip-so400m-patch14-384`` ships) contributes only its
-vision half, saved as a ``SiglipVisionModel``, as VILA does.
+vision half, saved as a ``SiglipVisionModel``, as VILA does. The sources are read with the
+same checks as a VILA import (``vila_import``: regular files inside each source folder,
+floating parameter dtypes, finite values unless ``allow_nonfinite``).
 """
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from longvila_jax.ckpt.vila_import import (
     write_params,
 )
 from longvila_jax.config.model import ModelConfig
+from longvila_jax.core.safe_paths import copy_file, is_regular
 
 
 def _torch_dtype(dtype: str) -> str:
@@ -66,19 +68,25 @@ def import_hf_parts(
     overrides: Sequence[str] = (),
     seed: int = 0,
     progress: bool = False,
+    allow_nonfinite: bool = False,
 ) -> ModelConfig:
     """Plain HF Llama/Qwen2 + SigLIP + a new random projector -> project checkpoint.
 
     The tokenizer of ``llm_dir`` gets VILA's media tokens (``<image>``, ``<vila/video>``) when
     it lacks them, as VILA does when it builds a model; the saved tokenizer then has them.
     The exported layout is a VILA one (generated top-level and projector configs).
+    ``allow_nonfinite`` accepts NaN/Inf weights with a logged warning instead of refusing them.
+
+    Raises:
+      ConfigError, CheckpointError: a malformed, inconsistent or unsafe source (named).
+      FileExistsError: ``out`` exists.
     """
     from flax import nnx
 
     from longvila_jax.models.projector import Projector
 
     data, source = hf_config.read_hf_parts(llm_dir, vision_dir, projector_type)
-    weights = {c: WeightSet(source.dirs[c]) for c in ("llm", "vision_tower")}
+    weights = {c: WeightSet(source.dirs[c]) for c in ("llm", "vision_tower")}  # root: the dir
     vision_cfg = source.configs["vision_tower"]
     full_siglip = "vision_config" in vision_cfg
     if full_siglip:
@@ -90,7 +98,7 @@ def import_hf_parts(
             "architectures": ["SiglipVisionModel"],
             "model_type": "siglip_vision_model",
         }
-    tokenizer = hf_config.load_tokenizer_dir(source.dirs["llm"])
+    tokenizer = hf_config.load_tokenizer_dir(source.dirs["llm"], root=source.dirs["llm"])
     added = config_checks.image_token_id(tokenizer) is None
     if added:
         tokenizer.add_tokens(list(config_checks.MEDIA_TOKENS[:2]), special_tokens=True)
@@ -120,9 +128,10 @@ def import_hf_parts(
             vdir.mkdir(parents=True)
             dump_json(vdir / "config.json", vision_cfg)
             files.append("vision_tower/config.json")
-            pre = source.dirs["vision_tower"] / "preprocessor_config.json"
-            if pre.is_file():
-                shutil.copyfile(pre, vdir / pre.name)
+            vsrc = source.dirs["vision_tower"]
+            pre = vsrc / "preprocessor_config.json"
+            if is_regular(pre, vsrc):  # never a link out of the folder, never a FIFO
+                copy_file(pre, vdir / pre.name, f"{pre}", root=vsrc)
                 files.append(f"vision_tower/{pre.name}")
         else:
             files += [
@@ -137,7 +146,7 @@ def import_hf_parts(
         dump_json(tmp / HF_DIR / "config.json", top_level_config(cfg, configs))
         files += ["mm_projector/config.json", "config.json"]
         extra = [("mm_projector", p, np.asarray(v)) for p, v in flat.items()]
-        write_params(cfg, plans, tmp, progress, extra)
+        write_params(cfg, plans, tmp, progress, extra, allow_nonfinite=allow_nonfinite)
         records = {c: component_record(p) for c, p in plans.items()}
         records["mm_projector"] = {
             "siglip_prefix": False,

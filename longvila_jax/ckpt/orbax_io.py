@@ -13,6 +13,11 @@ Params are written leaf by leaf with Orbax partial saves, so a converter never h
 one (stacked) parameter; the result is an ordinary Orbax pytree checkpoint that restores whole,
 with any target sharding, via ``load_params``. The whole directory is built under a temporary
 sibling name and renamed into place at the end: on any error no output directory remains.
+
+Readers treat a checkpoint as hostile: ``verify_checkpoint`` checks the per-file SHA-256
+manifest before anything is read, ``provenance.json`` is validated field by field
+(``ckpt.provenance``), and the stored shapes are compared with ``model.yaml``
+(``ckpt.checks.check_stored_params``) before any array is loaded.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import json
+import os
 import shutil
 import uuid
 from collections.abc import Iterator, Mapping
@@ -28,18 +34,21 @@ from typing import Any
 
 import numpy as np
 
+from longvila_jax.ckpt import provenance
+from longvila_jax.ckpt.checks import check_stored_params
 from longvila_jax.config.base import load_config, save_yaml
 from longvila_jax.config.model import ModelConfig
 from longvila_jax.core import faults
-from longvila_jax.core.errors import CheckpointError
+from longvila_jax.core.errors import CheckpointError, brief
 from longvila_jax.core.manifest import MANIFEST_FILE, verify_dir, write_manifest
+from longvila_jax.core.safe_paths import copy_tree, prepare_parent
 
 MODEL_YAML = "model.yaml"
 PROVENANCE = "provenance.json"
 PARAMS = "params"
 HF_DIR = "hf"
 UNUSED_DIR = "unused"
-FORMAT = "longvila_jax.ckpt/1"
+FORMAT = provenance.FORMAT
 # VILA sub-folder -> attribute of the LongVILA model (and top-level key of the params tree).
 ATTR = {"llm": "llm", "vision_tower": "vision", "mm_projector": "projector"}
 
@@ -50,13 +59,17 @@ def atomic_dir(out: str | Path) -> Iterator[Path]:
 
     Raises:
       FileExistsError: ``out`` already exists (never overwritten).
+      CheckpointError: ``out`` cannot be created (a parent is a file, permission denied).
     """
     out = Path(out)
-    if out.exists():
+    if os.path.lexists(out):
         raise FileExistsError(f"{out} already exists; refusing to overwrite it")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    prepare_parent(out, "output")
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    try:
+        tmp.mkdir()
+    except OSError as e:
+        raise CheckpointError(f"output: cannot create {out} ({e.strerror})") from None
     try:
         yield tmp
         faults.hit("dir_commit")  # test kill point: complete, not yet renamed
@@ -177,29 +190,43 @@ def read_model_config(ckpt: str | Path, overrides=()) -> ModelConfig:
 
 
 def read_provenance(ckpt: str | Path) -> dict:
-    data = json.loads((Path(ckpt) / PROVENANCE).read_text())
-    if data.get("format") != FORMAT:
-        raise ValueError(f"{ckpt}: unknown checkpoint format {data.get('format')!r}")
-    return data
+    """The validated ``provenance.json`` of a project checkpoint (``ckpt.provenance``).
+
+    Raises:
+      CheckpointError: unreadable or invalid, naming the field.
+    """
+    return provenance.read(Path(ckpt) / PROVENANCE)
 
 
-def write_metadata(tmp: Path, cfg: ModelConfig, provenance: Mapping) -> None:
+def write_metadata(tmp: Path, cfg: ModelConfig, record: Mapping) -> None:
+    """Writes ``model.yaml`` and ``provenance.json`` (validated first: what we write must
+    read back) into checkpoint directory ``tmp``."""
+    data = provenance.validate({"format": FORMAT, **record}, "provenance")
     save_yaml(cfg, tmp / MODEL_YAML)
-    (tmp / PROVENANCE).write_text(json.dumps({"format": FORMAT, **provenance}, indent=1) + "\n")
+    (tmp / PROVENANCE).write_text(json.dumps(data, indent=1) + "\n")
 
 
 def stored_tree(ckpt: str | Path) -> dict:
-    """Nested dict of the stored params: leaf -> (shape, numpy dtype). Reads metadata only."""
-    import orbax.checkpoint.experimental.v1 as ocp
+    """Nested dict of the stored params: leaf -> (shape, numpy dtype). Reads metadata only.
 
-    meta = ocp.metadata(params_dir(ckpt)).metadata
+    Raises:
+      CheckpointError: the Orbax metadata is missing or malformed.
+    """
+    import orbax.checkpoint.experimental.v1 as ocp
 
     def conv(node):
         if isinstance(node, Mapping):
-            return {k: conv(v) for k, v in node.items()}
-        return (tuple(node.shape), np.dtype(node.dtype))
+            return {str(k): conv(v) for k, v in node.items()}
+        return (tuple(int(d) for d in node.shape), np.dtype(node.dtype))
 
-    return conv(meta)
+    # Orbax parses files of the (possibly hostile) checkpoint; whatever it or the conversion
+    # raises on malformed metadata becomes an error naming the checkpoint.
+    try:
+        return conv(ocp.metadata(params_dir(ckpt)).metadata)
+    except _ORBAX_ERRORS as e:
+        raise CheckpointError(
+            f"{ckpt}: cannot read the parameter metadata in {PARAMS}/ ({brief(str(e))})"
+        ) from None
 
 
 def _leaves(tree: Mapping, prefix: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], Any]]:
@@ -229,7 +256,7 @@ def load_leaves(
     def target(p, spec):
         return np.empty(spec[0], spec[1]) if p in wanted else ocp.PLACEHOLDER
 
-    out = ocp.load(params_dir(ckpt), _map_with_path(tree, target))
+    out = _load(ckpt, _map_with_path(tree, target))
     result = {}
     for p in paths:
         node = out[ATTR[component]]
@@ -246,7 +273,9 @@ def _map_with_path(tree: Mapping, fn, prefix: tuple[str, ...] = ()) -> dict:
     }
 
 
-def load_params(ckpt: str | Path, *, dtype: str | None = None, shardings: Any = None) -> dict:
+def load_params(
+    ckpt: str | Path, *, dtype: str | None = None, shardings: Any = None, verify: bool = True
+) -> dict:
     """Restores all params as jax arrays.
 
     Args:
@@ -254,14 +283,23 @@ def load_params(ckpt: str | Path, *, dtype: str | None = None, shardings: Any = 
       dtype: cast every leaf to this dtype on load (None keeps the stored dtypes).
       shardings: None (first device) or a pytree of ``jax.sharding.Sharding`` matching the
         params tree (``{"vision": ..., "projector": ..., "llm": ...}``).
+      verify: check the integrity manifest first (``verify_checkpoint``); pass False only
+        right after verifying the same checkpoint.
 
     Returns:
       {"vision": pure dict, "projector": pure dict, "llm": pure dict}.
-    """
-    import jax
-    import orbax.checkpoint.experimental.v1 as ocp
 
-    tree = stored_tree(ckpt)
+    Raises:
+      CheckpointError: the checkpoint fails its integrity check or its metadata is malformed.
+    """
+    if verify:
+        verify_checkpoint(ckpt)
+    return _restore(ckpt, stored_tree(ckpt), dtype, shardings)
+
+
+def _restore(ckpt: str | Path, tree: Mapping, dtype: str | None, shardings: Any) -> dict:
+    import jax
+
     default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
 
     def target(p, spec):
@@ -272,7 +310,21 @@ def load_params(ckpt: str | Path, *, dtype: str | None = None, shardings: Any = 
                 sh = sh[k]
         return jax.ShapeDtypeStruct(spec[0], np.dtype(dtype) if dtype else spec[1], sharding=sh)
 
-    return ocp.load(params_dir(ckpt), _map_with_path(tree, target))
+    return _load(ckpt, _map_with_path(tree, target))
+
+
+# What Orbax/tensorstore raise on malformed (not merely missing) checkpoint files.
+_ORBAX_ERRORS = (OSError, ValueError, TypeError, KeyError, AttributeError, RuntimeError)
+
+
+def _load(ckpt: str | Path, target: Mapping) -> Any:
+    """``ocp.load`` of the params; failures on malformed files name the checkpoint."""
+    import orbax.checkpoint.experimental.v1 as ocp
+
+    try:
+        return ocp.load(params_dir(ckpt), target)
+    except _ORBAX_ERRORS as e:
+        raise CheckpointError(f"{ckpt}: cannot restore {PARAMS}/ ({brief(str(e))})") from None
 
 
 def save_checkpoint(
@@ -282,21 +334,28 @@ def save_checkpoint(
 
     Provenance, HF files and unused tensors are carried over from checkpoint ``like`` (the one
     the run started from), so the result exports to the same VILA layout; changed config
-    fields (say a new ``rope_theta``) are written into the exported JSON configs.
+    fields (say a new ``rope_theta``) are written into the exported JSON configs. ``like`` is
+    verified against its manifest first, so nothing tampered with is carried into (and then
+    sealed by the manifest of) the new checkpoint.
 
     Args:
       out: new directory (must not exist).
       cfg: the config of ``params``.
       params: {"vision", "projector", "llm"} -> pure dicts of arrays (nnx.to_pure_dict).
       like: an existing project checkpoint.
+
+    Raises:
+      CheckpointError: ``like`` fails its integrity check, has an invalid provenance, or holds
+        a link or special file where regular files are copied.
     """
     like = Path(like)
+    verify_checkpoint(like)
+    prov = read_provenance(like)
+    prov.pop("format", None)
     with checkpoint_dir(out) as tmp:
         for name in (HF_DIR, UNUSED_DIR):
             if (like / name).is_dir():
-                shutil.copytree(like / name, tmp / name)
-        prov = read_provenance(like)
-        prov.pop("format", None)
+                copy_tree(like / name, tmp / name, name)
         write_metadata(tmp, cfg, prov)
         writer = ParamWriter(tmp)
         inv = {v: k for k, v in ATTR.items()}
@@ -311,6 +370,16 @@ def load_checkpoint(
 ) -> tuple[ModelConfig, dict]:
     """(ModelConfig, params) of a project checkpoint; see ``load_params`` for the arguments.
 
-    ``pretrained.load_pretrained`` returns a ready model instead.
+    The checkpoint is verified against its manifest and its stored shapes are compared with
+    the config before anything is loaded. ``pretrained.load_pretrained`` returns a ready
+    model instead.
+
+    Raises:
+      CheckpointError: integrity failure, or stored params that disagree with the config.
+      ConfigError: ``model.yaml`` is invalid.
     """
-    return read_model_config(ckpt, overrides), load_params(ckpt, dtype=dtype, shardings=shardings)
+    verify_checkpoint(ckpt)
+    cfg = read_model_config(ckpt, overrides)
+    tree = stored_tree(ckpt)
+    check_stored_params(cfg, tree, ckpt)
+    return cfg, _restore(ckpt, tree, dtype, shardings)

@@ -10,18 +10,25 @@ cannot express (a different hidden size, say) raises ``ConfigError`` naming the 
 Streaming: all shard files are created up front with their final headers, then parameters are
 restored one leaf at a time and each slice is written at its offset, so peak memory is about the
 largest stacked parameter. The output directory appears atomically.
+
+The checkpoint is hostile until checked, and all checks run before the output is created:
+the integrity manifest, the provenance record (every file name a plain name, the index text
+consistent with the plan: ``ckpt.provenance``), the ``hf/`` files against the record, the
+stored shapes against ``model.yaml``, and the recorded tensor layout against the model. The
+writers refuse any name that is not a plain file name in any case (``safetensors_writer``).
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 
 from longvila_jax.ckpt import mapping
+from longvila_jax.ckpt.checks import FLOAT_CODES, check_stored_params
+from longvila_jax.ckpt.integrity import check_hf_files
 from longvila_jax.ckpt.orbax_io import (
     ATTR,
     HF_DIR,
@@ -32,12 +39,16 @@ from longvila_jax.ckpt.orbax_io import (
     read_provenance,
     release_freed_memory,
     stored_tree,
+    verify_checkpoint,
 )
 from longvila_jax.ckpt.safetensors_io import DTYPES, CheckpointError, SafetensorsFile
 from longvila_jax.ckpt.safetensors_writer import PlanWriter
 from longvila_jax.ckpt.vila_import import COMPONENTS, EXPORTABLE
 from longvila_jax.config.base import ConfigError, to_dict
 from longvila_jax.config.model import ModelConfig
+from longvila_jax.core.errors import brief
+from longvila_jax.core.safe_load import load_json
+from longvila_jax.core.safe_paths import copy_tree
 
 # Settings of this port that have no VILA JSON field (the default is re-derived on import).
 _NOT_IN_JSON = {("projector", "token_order")}
@@ -62,7 +73,8 @@ def config_edits(source: Mapping, cfg: ModelConfig) -> dict[tuple[str, str], obj
             if (section, key) not in EXPORTABLE:
                 raise ConfigError(
                     f"{section}.{key}",
-                    f"changed from {old!r} to {value!r} since import; the recorded VILA layout "
+                    f"changed from {brief(old)} to {brief(value)} since import; the recorded "
+                    "VILA layout "
                     "cannot express this change",
                 )
             edits[(section, key)] = value
@@ -72,7 +84,7 @@ def config_edits(source: Mapping, cfg: ModelConfig) -> dict[tuple[str, str], obj
 def _set_llm(d: dict, key: str, cfg: ModelConfig) -> None:
     lc = cfg.llm
     if key in ("rope_theta", "rope_scaling"):
-        if isinstance(d.get("rope_parameters"), dict):
+        if isinstance(d.get("rope_parameters"), dict):  # else the legacy keys
             rp = dict(d["rope_parameters"])
             rp["rope_theta"] = lc.rope_theta
             if lc.rope_scaling is None:
@@ -114,7 +126,10 @@ def apply_config_edits(configs: dict[str, dict], edits: Mapping, cfg: ModelConfi
             if section == "llm":
                 _set_llm(d, key, cfg)
             else:
-                (d.get("vision_config") or d)[key] = value
+                sub = d.get("vision_config")
+                if sub is not None and not isinstance(sub, dict):
+                    raise CheckpointError(f"{fname}: vision_config must be an object")
+                (sub or d)[key] = value
             changed.add(fname)
     return changed
 
@@ -128,7 +143,7 @@ def _write_component(
     writer = PlanWriter(out, plan, rec["index_text"])
     try:
         if rec["unused"]:
-            st = SafetensorsFile(ckpt / UNUSED_DIR / f"{comp}.safetensors")
+            st = SafetensorsFile(ckpt / UNUSED_DIR / f"{comp}.safetensors", ckpt)
             for name in rec["unused"]:
                 writer.write(name, st.read(name))
         for group in _groups(tree[ATTR[comp]], group_bytes):
@@ -155,7 +170,7 @@ def _write_leaf(writer, cfg, comp, rec, path, shape, leaf, dtypes, out) -> None:
         ]
     for name, value in names:
         if name not in dtypes:
-            raise CheckpointError(f"{out}: parameter {name!r} is not in the recorded layout")
+            raise CheckpointError(f"{out}: parameter {brief(name)} is not in the recorded layout")
         target = mapping.resolve(cfg, comp, name)
         value = mapping.from_param(target.transform, value)
         writer.write(name, value.astype(dtypes[name], copy=False))
@@ -182,6 +197,41 @@ def _leaves(tree: Mapping, prefix: tuple[str, ...] = ()):
             yield (*prefix, k), v
 
 
+def check_layout(cfg: ModelConfig, comp: str, rec: Mapping, where: str) -> None:
+    """The recorded tensor layout of ``comp`` against the model of ``cfg``: every parameter
+    tensor is recorded once, with the shape the model implies and a floating dtype.
+
+    Raises:
+      CheckpointError: naming the tensor.
+    """
+    tensors = {n: (d, tuple(s)) for f in rec["plan"]["files"] for n, d, s in f["tensors"]}
+    unused = set(rec["unused"])
+    shapes = mapping.param_shapes(cfg, comp)
+    for name, (dtype, shape) in tensors.items():
+        if name in unused:
+            continue
+        target = mapping.resolve(cfg, comp, name)
+        if not isinstance(target, mapping.Target):
+            raise CheckpointError(
+                f"{where}: tensor {brief(name)} is not a parameter of the model of model.yaml"
+            )
+        full = shapes[target.path]
+        want = mapping.hf_shape(target.transform, full[1:] if target.layer is not None else full)
+        if shape != want:
+            raise CheckpointError(
+                f"{where}: tensor {brief(name)} is recorded with shape {list(shape)}, "
+                f"model.yaml implies {list(want)}"
+            )
+        if dtype not in FLOAT_CODES:
+            raise CheckpointError(
+                f"{where}: tensor {brief(name)} is recorded as {dtype}; parameters are "
+                f"floating ({', '.join(FLOAT_CODES)})"
+            )
+    for name in mapping.expected_names(cfg, comp, siglip_prefix=rec["siglip_prefix"]):
+        if name not in tensors or name in unused:
+            raise CheckpointError(f"{where}: the recorded layout lacks tensor {brief(name)}")
+
+
 def export_vila(ckpt: str | Path, out: str | Path, *, group_bytes: int = 16 << 20) -> None:
     """Writes the VILA layout of project checkpoint ``ckpt`` into the new directory ``out``.
 
@@ -190,23 +240,34 @@ def export_vila(ckpt: str | Path, out: str | Path, *, group_bytes: int = 16 << 2
     ``SiglipVisionModel`` on ``vision_tower/``) and with VILA's own loader.
 
     Raises:
-      ConfigError: the config changed in a way the layout cannot express.
-      CheckpointError: the stored params do not match the recorded layout.
+      ConfigError: the config changed in a way the layout cannot express, or is invalid.
+      CheckpointError: the checkpoint fails its integrity check, its provenance is invalid,
+        or the stored params do not match the config or the recorded layout.
     """
     ckpt = Path(ckpt)
+    verify_checkpoint(ckpt)
     cfg = read_model_config(ckpt)
     prov = read_provenance(ckpt)
-    if "components" not in prov or "source_model_config" not in prov:
+    if "components" not in prov:
         raise CheckpointError(
-            f"{ckpt}: no recorded VILA layout (source {prov.get('source')}); only checkpoints "
+            f"{ckpt}: no recorded VILA layout (source {brief(prov['source'])}); only checkpoints "
             "descending from an import can be exported"
         )
-    edits = config_edits(prov["source_model_config"], cfg)
     tree = stored_tree(ckpt)
+    check_stored_params(cfg, tree, ckpt)
+    check_hf_files(ckpt, prov)
+    for comp in COMPONENTS:
+        check_layout(cfg, comp, prov["components"][comp], f"{ckpt}: provenance.components.{comp}")
+    edits = config_edits(prov["source_model_config"], cfg)
     with atomic_dir(out) as tmp:
-        shutil.copytree(ckpt / HF_DIR, tmp, dirs_exist_ok=True)
+        if (ckpt / HF_DIR).is_dir():
+            copy_tree(ckpt / HF_DIR, tmp, HF_DIR)
         names = [*_TOP_FILES, "llm/config.json", "vision_tower/config.json"]
-        configs = {n: json.loads((tmp / n).read_text()) for n in names if (tmp / n).is_file()}
+        configs = {
+            n: load_json(tmp / n, f"{HF_DIR}/{n}", CheckpointError)
+            for n in names
+            if (tmp / n).is_file()
+        }
         for fname in apply_config_edits(configs, edits, cfg):
             (tmp / fname).write_text(json.dumps(configs[fname], indent=2, sort_keys=True) + "\n")
         for comp in COMPONENTS:

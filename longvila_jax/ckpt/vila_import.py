@@ -9,12 +9,19 @@ the largest stacked leaf plus Orbax's bounded cache, never the whole model (meas
 ``tests/ckpt/test_convert_cli.py``). Everything that is not a weight (configs, tokenizer files)
 is copied verbatim so that export can rebuild the identical VILA layout; pickle files are never
 opened.
+
+The source is hostile until checked: parameter tensors must have a floating dtype, every
+tensor is checked for NaN/Inf as it is read (``allow_nonfinite`` accepts them with a warning),
+and files are opened only as regular files inside the source folder (a FIFO is refused instead
+of hanging the import; a symlink out of the folder, say to ``/etc/shadow``, is never read or
+copied, except Hugging Face hub-cache links into the repository's ``blobs/``).
 """
 
 from __future__ import annotations
 
 import json
-import shutil
+import logging
+import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from longvila_jax.ckpt import hf_config, mapping
+from longvila_jax.ckpt.checks import FLOAT_CODES, check_finite
 from longvila_jax.ckpt.orbax_io import (
     HF_DIR,
     UNUSED_DIR,
@@ -38,6 +46,10 @@ from longvila_jax.ckpt.safetensors_io import (
 from longvila_jax.ckpt.safetensors_writer import PlanWriter, shard_plan
 from longvila_jax.config.base import to_dict
 from longvila_jax.config.model import ModelConfig
+from longvila_jax.core.errors import brief
+from longvila_jax.core.safe_paths import check_name, copy_file, is_regular
+
+log = logging.getLogger(__name__)
 
 COMPONENTS = hf_config.COMPONENTS
 SIGLIP_PREFIX = "vision_model."
@@ -90,20 +102,29 @@ def plan_component(cfg: ModelConfig, component: str, weights: WeightSet) -> Comp
     for name in weights.names:
         target = mapping.resolve(cfg, component, name)
         if target is None:
-            raise CheckpointError(f"{where}: unexpected tensor {name!r} (no parameter maps to it)")
+            raise CheckpointError(
+                f"{where}: unexpected tensor {brief(name)} (no parameter maps to it)"
+            )
         if target == "unused":
             plan.unused.append(name)
             continue
         slots = plan.sources.setdefault(target.path, {})
         if target.layer in slots:
-            raise CheckpointError(f"{where}: tensor {name!r} duplicates {slots[target.layer]!r}")
+            raise CheckpointError(
+                f"{where}: tensor {brief(name)} duplicates {brief(slots[target.layer])}"
+            )
         full = shapes[target.path]
         want = hf_shape(target.transform, full[1:] if target.layer is not None else full)
-        got = weights.info(name).shape
-        if got != want:
+        info = weights.info(name)
+        if info.shape != want:
             raise CheckpointError(
-                f"{where}: tensor {name!r} has shape {list(got)}, the configured model needs "
-                f"{list(want)}"
+                f"{where}: tensor {name!r} has shape {list(info.shape)}, the configured model "
+                f"needs {list(want)}"
+            )
+        if info.dtype not in FLOAT_CODES:  # e.g. F32 data whose header says I32
+            raise CheckpointError(
+                f"{where}: tensor {name!r} ({weights.where[name]}) has dtype {info.dtype}; "
+                f"parameters must be floating ({', '.join(FLOAT_CODES)})"
             )
         slots[target.layer] = name
         plan.transforms[target.path] = target.transform
@@ -124,6 +145,7 @@ def iter_leaves(
     *,
     dtype: np.dtype | None = None,
     on_tensor: Callable[[str], None] | None = None,
+    allow_nonfinite: bool = False,
 ) -> Iterator[tuple[tuple[str, ...], np.ndarray]]:
     """Yields (param path, array) one leaf at a time, in the configured model's layout.
 
@@ -132,39 +154,73 @@ def iter_leaves(
       plan: from ``plan_component``.
       dtype: cast to this dtype (None keeps the stored dtype, for bitwise round trips).
       on_tensor: called with each tensor name after it was read (progress bars).
+      allow_nonfinite: accept NaN/Inf values with a logged warning instead of refusing them.
+
+    Raises:
+      CheckpointError: a tensor holds NaN or Inf (named) and ``allow_nonfinite`` is false.
     """
     shapes = mapping.param_shapes(cfg, plan.component)
+    ws = plan.weights
+
+    def read(name: str) -> np.ndarray:
+        array = ws.read(name)
+        check_finite(
+            array, f"{ws.directory / ws.where[name]}: tensor {name!r}", allow=allow_nonfinite
+        )
+        return array
+
     for path, shape in shapes.items():
         slots, tr = plan.sources[path], plan.transforms[path]
-        stored = plan.weights.info(slots[next(iter(slots))]).np_dtype
+        stored = ws.info(slots[next(iter(slots))]).np_dtype
         out = aligned_empty(shape, dtype or stored)
         if None in slots:
-            out[...] = mapping.to_param(tr, plan.weights.read(slots[None]))
+            out[...] = mapping.to_param(tr, read(slots[None]))
             if on_tensor:
                 on_tensor(slots[None])
             yield path, out
             continue
         for layer in range(shape[0]):
-            out[layer] = mapping.to_param(tr, plan.weights.read(slots[layer]))
+            out[layer] = mapping.to_param(tr, read(slots[layer]))
             if on_tensor:
                 on_tensor(slots[layer])
         yield path, out
 
 
-def copy_aux_files(src: Path, dst: Path) -> list[str]:
-    """Copies the non-weight regular files of ``src`` (configs, tokenizer) verbatim."""
+def copy_aux_files(src: Path, dst: Path, root: Path | None = None) -> list[str]:
+    """Copies the non-weight regular files of ``src`` (configs, tokenizer) verbatim.
+
+    Args:
+      src: a source folder.
+      dst: the folder to copy into (created).
+      root: the source tree ``src`` belongs to (default ``src``): a symlink is followed only
+        if it stays inside (hub-cache links into ``blobs/`` excepted).
+
+    Returns:
+      The copied file names. Links out of ``root``, FIFOs and other special files, and names
+      that are not plain file names are skipped with a logged warning naming them.
+    """
+    root = Path(root) if root is not None else src
     dst.mkdir(parents=True, exist_ok=True)
     copied = []
     for p in sorted(src.iterdir()):
         if (
-            not p.is_file()
-            or p.name.startswith(".")
+            p.name.startswith(".")
             or p.name.endswith(_NOT_AUX)
             or p.name.endswith(".safetensors.index.json")
-            or p.stat().st_size > MAX_AUX_BYTES
+            or (p.is_dir() and not p.is_symlink())
         ):
             continue
-        shutil.copyfile(p, dst / p.name)
+        if not is_regular(p, root):
+            log.warning("skipping %s: a link out of %s or not a regular file", p, root)
+            continue
+        try:
+            check_name(p.name, "file name")
+        except CheckpointError:
+            log.warning("skipping %s: not a plain file name", brief(str(p)))
+            continue
+        if os.stat(p).st_size > MAX_AUX_BYTES:
+            continue
+        copy_file(p, dst / p.name, f"{p}", root=root)
         copied.append(p.name)
     return copied
 
@@ -197,13 +253,10 @@ def component_record(plan: ComponentPlan) -> dict:
             "index_text": None,
             "unused": plan.unused,
         }
-    index_text = None
-    if plan.weights.index:
-        index_text = (plan.weights.directory / plan.weights.index).read_text()
     return {
         "siglip_prefix": plan.siglip_prefix,
         "plan": plan.weights.plan(),
-        "index_text": index_text,
+        "index_text": plan.weights.index_text,  # verbatim, as read and checked
         "unused": plan.unused,
     }
 
@@ -224,11 +277,18 @@ def _progress(total: int, enabled: bool):
 
 
 def write_params(
-    cfg: ModelConfig, plans: dict[str, ComponentPlan], tmp: Path, progress: bool, extra=()
+    cfg: ModelConfig,
+    plans: dict[str, ComponentPlan],
+    tmp: Path,
+    progress: bool,
+    extra=(),
+    *,
+    allow_nonfinite: bool = False,
 ) -> None:
     """Streams every component's params (and unused tensors) into checkpoint dir ``tmp``.
 
-    ``extra`` holds further (component, path, array) leaves, e.g. a new projector.
+    ``extra`` holds further (component, path, array) leaves, e.g. a new projector;
+    ``allow_nonfinite`` accepts NaN/Inf weights with a warning (see ``iter_leaves``).
     """
     total = sum(len(p.weights.names) for p in plans.values())
     writer = ParamWriter(tmp)
@@ -239,7 +299,8 @@ def write_params(
 
         for comp, plan in plans.items():
             _write_unused(plan, tmp / UNUSED_DIR, tick)
-            for path, value in iter_leaves(cfg, plan, on_tensor=tick):
+            leaves = iter_leaves(cfg, plan, on_tensor=tick, allow_nonfinite=allow_nonfinite)
+            for path, value in leaves:
                 writer.save(comp, path, value)
                 del value
         for comp, path, value in extra:
@@ -248,7 +309,12 @@ def write_params(
 
 
 def import_vila(
-    src: str | Path, out: str | Path, *, overrides: Sequence[str] = (), progress: bool = False
+    src: str | Path,
+    out: str | Path,
+    *,
+    overrides: Sequence[str] = (),
+    progress: bool = False,
+    allow_nonfinite: bool = False,
 ) -> ModelConfig:
     """Converts a VILA/LongVILA-layout directory into a project checkpoint at ``out``.
 
@@ -257,21 +323,27 @@ def import_vila(
       out: new checkpoint directory (must not exist; nothing is left there on error).
       overrides: dotted ``ModelConfig`` overrides, e.g. ``projector.token_order=row_major``.
       progress: show a tqdm bar.
+      allow_nonfinite: accept NaN/Inf weights with a logged warning instead of refusing them.
 
     Returns:
       The ModelConfig written to ``out/model.yaml``.
+
+    Raises:
+      ConfigError, CheckpointError: a malformed, inconsistent or unsafe source (named).
+      FileExistsError: ``out`` exists.
     """
     src = Path(src)
     data, source = hf_config.read_vila(src)
-    weights = {c: WeightSet(source.dirs[c]) for c in COMPONENTS}
-    tokenizer = hf_config.load_tokenizer_dir(source.dirs["llm"])
+    weights = {c: WeightSet(source.dirs[c], src) for c in COMPONENTS}
+    tokenizer = hf_config.load_tokenizer_dir(source.dirs["llm"], root=src)
     cfg = hf_config.build_config(data, tokenizer, weights, overrides)
     plans = {c: plan_component(cfg, c, weights[c]) for c in COMPONENTS}
     with checkpoint_dir(out) as tmp:
-        files = copy_aux_files(src, tmp / HF_DIR)
+        files = copy_aux_files(src, tmp / HF_DIR, src)
         for c in COMPONENTS:
-            files += [f"{c}/{f}" for f in copy_aux_files(source.dirs[c], tmp / HF_DIR / c)]
-        write_params(cfg, plans, tmp, progress)
+            copied = copy_aux_files(source.dirs[c], tmp / HF_DIR / c, src)
+            files += [f"{c}/{f}" for f in copied]
+        write_params(cfg, plans, tmp, progress, allow_nonfinite=allow_nonfinite)
         write_metadata(
             tmp,
             cfg,

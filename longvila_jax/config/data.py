@@ -81,6 +81,10 @@ class DataConfig:
     max_skip_rate: float = 0.01
     too_long_policy: Literal["drop", "error"] = "drop"
     allow_manifest_change: bool = False
+    # Debugging: every bad sample raises data.skips.SampleError (naming the sample and the skip
+    # reason, chaining the cause) instead of being skipped and counted. Not part of the resume
+    # or stream fingerprints: it never changes which rows come out, it only stops the run.
+    fail_fast: bool = False
 
     def __post_init__(self):
         names = [d.name for d in self.datasets]

@@ -362,8 +362,6 @@ def resolve_stage(
     data = data_config(stage)
     check(bool(data.datasets), "data.datasets", "the mixture lists no dataset")
     mesh_file = mesh_path or stage.mesh
-    if not Path(mesh_file).is_file():
-        raise ConfigError("mesh", f"mesh YAML {mesh_file} does not exist")
     try:
         mesh_cfg = mesh_lib.load_mesh_config(mesh_file, stage.mesh_set)
     except ConfigError as e:
@@ -463,7 +461,14 @@ def resolve_stage(
 # what) it checkpoints, and where the run directory lives (it may be moved). Everything else
 # must match the checkpoint. ``steps`` is not here: the cosine LR schedule spans ``steps``, so
 # extending it would change the LR of steps already taken.
-RESUME_MUTABLE = ("log_every", "tensorboard", "export_vila", "checkpoint.async_save", "run_dir")
+RESUME_MUTABLE = (
+    "log_every",
+    "tensorboard",
+    "export_vila",
+    "checkpoint.async_save",
+    "run_dir",
+    "data.inline.fail_fast",  # debugging switch: it only stops a run, never changes its rows
+)
 
 
 def _drop_mutable(d: Any) -> Any:
@@ -480,8 +485,9 @@ def _drop_mutable(d: Any) -> Any:
     return d
 
 
-# Resolved data fields that only size buffers: they never change which rows a step sees.
-_RESOLVED_MUTABLE = ("worker_buffer_size", "read_buffer_size")
+# Resolved data fields that never change which rows a step sees: buffer sizes, and
+# ``fail_fast`` (it only turns a skipped sample into an error; the CLI's --fail-fast sets it).
+_RESOLVED_MUTABLE = ("worker_buffer_size", "read_buffer_size", "fail_fast")
 
 
 def stage_fingerprint(stage: StageConfig, resolved: ResolvedStage | None = None) -> dict[str, Any]:

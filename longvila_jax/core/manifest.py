@@ -136,14 +136,19 @@ def read_manifest(directory: Path, step: int | None) -> tuple[dict | None, str |
 
 
 def verify_dir(
-    directory: str | os.PathLike, step: int | None = None, required: Iterable[str] = ()
+    directory: str | os.PathLike,
+    step: int | None = None,
+    required: Iterable[str] = (),
+    under: str | None = None,
 ) -> str | None:
-    """Checks ``directory`` against its manifest.
+    """Checks ``directory`` (or only its sub-folder ``under``) against its manifest.
 
     Args:
       directory: a checkpoint directory.
       step: the step number the manifest must record (None: a model checkpoint).
       required: files the manifest must list (the commit marker, ``model.yaml`` ...).
+      under: a relative sub-folder: only the files there are compared and hashed (a tokenizer
+        loader need not hash gigabytes of weights), still every one of them and nothing else.
 
     Returns:
       None when every file matches, else ``"<relative file>: <problem>"`` for the first bad
@@ -159,10 +164,17 @@ def verify_dir(
     for rel in required:
         if rel not in files:
             return f"{MANIFEST_FILE}: does not list {rel}"
-    on_disk, problem = tree_files(directory)
+    base = directory if under is None else directory / under
+    if under is not None and (base.is_symlink() or not base.is_dir()):
+        return f"{under}: not a directory"
+    on_disk, problem = tree_files(base)
     if problem is not None:
-        return problem
-    present = set(on_disk) - {MANIFEST_FILE}
+        return problem if under is None else f"{under}/{problem}"
+    if under is None:
+        present = set(on_disk) - {MANIFEST_FILE}
+    else:
+        present = {f"{under}/{rel}" for rel in on_disk}
+        files = {rel: v for rel, v in files.items() if rel.startswith(f"{under}/")}
     for rel in sorted(files):
         if rel not in present:
             return f"{rel}: missing"

@@ -2,9 +2,14 @@
 
 Runs every record of one manifest through the per-sample transform (media decoding, templates,
 tokenisation, length checks; in order, no shuffling or packing) and prints JSON: samples ok,
-skips per reason with a few example ids, text / expanded tokens and frames per sample
-(min / median / max) and throughput. Exits with status 1 when the skip rate exceeds the config's
-``max_skip_rate``, so it can gate a data drop in CI.
+skips per reason (``error:<Type>`` for unexpected exceptions) with a few example ids, text /
+expanded tokens and frames per sample (min / median / max) and throughput. ``--fail-fast`` stops
+at the first bad sample with an error naming it instead.
+
+Exit status: 0 ok; 1 the skip rate exceeds the config's ``max_skip_rate`` (so it can gate a data
+drop in CI) or the data cannot be checked (a missing or malformed manifest, a bad sample under
+``--fail-fast``: one ``error: ...`` line on stderr); 2 a bad config or argument (one
+``config error: ...`` line).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import numpy as np
 
 from longvila_jax.config.base import apply_overrides, load_yaml
 from longvila_jax.config.data import DataConfig, DatasetSpec
+from longvila_jax.core.errors import ConfigError, InputError
 from longvila_jax.data.samples import SampleProcessor
 from longvila_jax.data.skips import is_skip
 from longvila_jax.data.sources import ManifestSource
@@ -37,7 +43,13 @@ def _summary(values: list[int]) -> dict[str, float] | None:
 
 
 def check_manifest(cfg: DataConfig, spec: DatasetSpec, limit: int | None = None) -> dict[str, Any]:
-    """Processes one manifest and returns the report (see the module docstring)."""
+    """Processes one manifest and returns the report (see the module docstring).
+
+    Raises:
+      ManifestError: the manifest cannot be read as a whole.
+      SampleError: ``cfg.fail_fast`` is set and a sample is bad.
+      TooLongSample: ``cfg.too_long_policy`` is ``error`` and a sample is too long.
+    """
     cfg = dataclasses.replace(cfg, datasets=(spec,))
     root = Path(cfg.root)
     path = Path(spec.manifest) if Path(spec.manifest).is_absolute() else root / spec.manifest
@@ -87,7 +99,10 @@ def _infer_kind(cfg: DataConfig, manifest: str) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    """Runs the check CLI; returns the exit status (see the module docstring)."""
+    p = argparse.ArgumentParser(
+        prog="python -m longvila_jax.data.check", description=__doc__.splitlines()[0]
+    )
     p.add_argument("manifest", help="manifest path (relative to the data root or absolute)")
     p.add_argument("--config", type=Path, help="DataConfig YAML (tokenizer, sizes, template...)")
     p.add_argument("--kind", choices=["video", "image", "interleaved", "text"])
@@ -95,19 +110,33 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--media-root", default="", help="media root, relative to the data root")
     p.add_argument("--limit", type=int, help="check only the first N records")
     p.add_argument("--set", action="append", default=[], help="config override a.b=value")
-    a = p.parse_args(argv)
-    data = load_yaml(a.config) if a.config else {}
-    if a.root:
-        data["root"] = a.root
-    cfg = apply_overrides(DataConfig, data, a.set)
-    kind = a.kind or _infer_kind(cfg, a.manifest)
-    if kind is None:
-        p.error("cannot infer the dataset kind from the config; pass --kind")
-    manifest = str(Path(a.manifest).resolve()) if Path(a.manifest).exists() else a.manifest
-    spec = DatasetSpec(
-        name=Path(a.manifest).stem, manifest=manifest, kind=kind, media_root=a.media_root
+    p.add_argument(
+        "--fail-fast",
+        action="store_true",
+        help="stop at the first bad sample with an error naming it (sets fail_fast)",
     )
-    report = check_manifest(cfg, spec, a.limit)
+    a = p.parse_args(argv)
+    try:
+        data = load_yaml(a.config, "--config") if a.config else {}
+        if a.root:
+            data["root"] = a.root
+        if a.fail_fast:
+            data["fail_fast"] = True
+        cfg = apply_overrides(DataConfig, data, a.set)
+        kind = a.kind or _infer_kind(cfg, a.manifest)
+        if kind is None:
+            p.error("cannot infer the dataset kind from the config; pass --kind")
+        manifest = str(Path(a.manifest).resolve()) if Path(a.manifest).exists() else a.manifest
+        spec = DatasetSpec(
+            name=Path(a.manifest).stem, manifest=manifest, kind=kind, media_root=a.media_root
+        )
+        report = check_manifest(cfg, spec, a.limit)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    except InputError as e:  # the manifest, a sample under --fail-fast, a too-long sample
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     report["over_threshold"] = report["skip_rate"] > cfg.max_skip_rate
     json.dump(report, sys.stdout, indent=1)
     sys.stdout.write("\n")

@@ -7,12 +7,14 @@ normalised channels-last with SigLIP's mean = std = 0.5 after scaling by 1/255.
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from longvila_jax.core.safe_paths import open_regular
 from longvila_jax.data.skips import SampleSkipped
 
 SIGLIP_MEAN = 0.5
@@ -55,6 +57,10 @@ def resize_rgb(img: Image.Image, size: int) -> np.ndarray:
     return np.asarray(img, dtype=np.uint8)
 
 
+class _NotRegular(Exception):
+    """``open_regular``'s refusal, turned into a skip."""
+
+
 def load_image(path: str | Path, size: int, max_pixels: int | None = None) -> np.ndarray:
     """Reads one image file.
 
@@ -67,16 +73,26 @@ def load_image(path: str | Path, size: int, max_pixels: int | None = None) -> np
       uint8 [size, size, 3].
 
     Raises:
-      SampleSkipped: ``empty_file``, ``corrupt_image`` or ``image_too_large``.
+      SampleSkipped: ``not_regular_file`` (missing, FIFO, device...), ``empty_file``,
+        ``corrupt_image`` or ``image_too_large``.
     """
     path = Path(path)
-    if path.stat().st_size == 0:
-        raise SampleSkipped("empty_file", str(path))
+    try:  # O_NONBLOCK + fstat: a FIFO swapped in after the manifest check cannot block us
+        f = open_regular(path, "image", _NotRegular)
+    except _NotRegular as e:
+        raise SampleSkipped("not_regular_file", str(e)) from None
+    with f:
+        if os.fstat(f.fileno()).st_size == 0:
+            raise SampleSkipped("empty_file", str(path))
+        return _decode(f, path, size, max_pixels)
+
+
+def _decode(f, path: Path, size: int, max_pixels: int | None) -> np.ndarray:
     limit = max_pixels if max_pixels is not None else Image.MAX_IMAGE_PIXELS
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with Image.open(f) as img:
                 # Checked on the header, before any pixel is decoded.
                 w, h = img.size
                 if limit is not None and w * h > limit:

@@ -51,14 +51,22 @@ import numpy as np
 from longvila_jax.config.base import check
 from longvila_jax.config.data import DataConfig
 from longvila_jax.config.model import ModelConfig
+from longvila_jax.core.errors import ConfigError, InputError
 from longvila_jax.data.packing import PackIterDataset, RowShape
 from longvila_jax.data.samples import SampleProcessor
-from longvila_jax.data.sources import ManifestSource
+from longvila_jax.data.sources import ManifestError, ManifestSource
 from longvila_jax.data.text import image_token_id, load_tokenizer
 
 STATE_VERSION = 1
-# Fields that do not change which elements come out, in which order (moving the data is fine).
-_NOT_STREAM_SHAPING = ("root", "allow_manifest_change", "decode_timeout_s", "read_buffer_size")
+# Fields that do not change which elements come out, in which order (moving the data is fine;
+# ``fail_fast`` only turns a skip into an error, so a run may resume with or without it).
+_NOT_STREAM_SHAPING = (
+    "root",
+    "allow_manifest_change",
+    "decode_timeout_s",
+    "read_buffer_size",
+    "fail_fast",
+)
 
 
 def check_model_compat(cfg: DataConfig, model: ModelConfig) -> None:
@@ -86,7 +94,7 @@ def check_model_compat(cfg: DataConfig, model: ModelConfig) -> None:
     )
 
 
-class DatasetChanged(ValueError):
+class DatasetChanged(InputError):
     """A restored iterator state does not match the current manifests or config."""
 
 
@@ -95,7 +103,11 @@ def _resolve(root: Path, p: str) -> Path:
 
 
 def build_sources(cfg: DataConfig) -> list[ManifestSource]:
-    """One ``ManifestSource`` per dataset of the mixture (manifest errors raise ValueError)."""
+    """One ``ManifestSource`` per dataset of the mixture.
+
+    Raises:
+      ManifestError: naming the dataset and file of a manifest that cannot be read.
+    """
     root = Path(cfg.root)
     return [ManifestSource(_resolve(root, d.manifest), d.name, d.format) for d in cfg.datasets]
 
@@ -112,9 +124,14 @@ def build_dataset(
     process_index: int | None = None,
     process_count: int | None = None,
 ) -> PackIterDataset:
-    """The grain ``IterDataset`` of packed rows for this host (see the module docstring)."""
+    """The grain ``IterDataset`` of packed rows for this host (see the module docstring).
+
+    Raises:
+      ConfigError: the mixture lists no dataset.
+      ManifestError: a manifest cannot be read or has no records.
+    """
     if not cfg.datasets:
-        raise ValueError("DataConfig.datasets is empty")
+        raise ConfigError("datasets", "the mixture lists no dataset")
     if process_index is None or process_count is None:
         import jax
 
@@ -123,7 +140,7 @@ def build_dataset(
     parts = []
     for i, src in enumerate(sources):
         if len(src) == 0:
-            raise ValueError(f"dataset {src.dataset!r}: manifest {src.path} has no records")
+            raise ManifestError(f"dataset {src.dataset!r}: manifest {src.path} has no records")
         ds = grain.MapDataset.source(src)
         if cfg.shuffle:
             ds = ds.shuffle(seed=cfg.seed + i)

@@ -12,11 +12,19 @@ Runs inside grain (in the main process or a worker process). Four kinds, followi
   is supervised.
 - ``text``: pre-tokenised fixed-length ``text`` (or ``input_ids``) lists; labels = inputs.
 
-Bad samples become ``skips.skip_marker`` dicts; nothing is ever substituted.
+Bad samples become ``skips.skip_marker`` dicts; nothing is ever substituted. Each record is
+isolated: besides the named ``SampleSkipped`` reasons, any other ``Exception`` raised while
+turning one record into a sample (a tokenizer ``TypeError``, a numpy ``OverflowError``...) is a
+skip with reason ``error:<Type>``. Not isolated: ``TooLongSample`` (``too_long_policy: error``
+asks for it to stop the run), ``MemoryError`` (the host is out of memory: skipping would drop
+good samples while memory lasts and hide the cause; the run must stop), and ``BaseException``s
+that are not ``Exception``s (``KeyboardInterrupt``, ``SystemExit``). With ``fail_fast`` every
+skip raises ``SampleError`` instead, chaining the original exception.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 from pathlib import Path
 from typing import Any
@@ -24,10 +32,17 @@ from typing import Any
 import numpy as np
 
 from longvila_jax.config.data import DataConfig
+from longvila_jax.core.errors import brief
 from longvila_jax.data import image as image_lib
 from longvila_jax.data import text as text_lib
 from longvila_jax.data.sandbox import DecodeSandbox
-from longvila_jax.data.skips import SampleSkipped, TooLongSample, skip_marker
+from longvila_jax.data.skips import (
+    SampleError,
+    SampleSkipped,
+    TooLongSample,
+    error_reason,
+    skip_marker,
+)
 from longvila_jax.data.sources import parse_record, resolve_media
 from longvila_jax.data.video import decode_video
 
@@ -36,6 +51,11 @@ IMAGE_CAPTION_QUESTION = "Describe the image briefly."
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 # Global sample index = dataset number << 40 | record index (fits int64 with room to spare).
 INDEX_BITS = 40
+# A record's own ``id`` names the sample in logs and reports only if it is this short.
+MAX_ID_CHARS = 128
+# Manifest frame counts beyond this are not a video's (and overflow C integers downstream).
+MAX_FRAME_COUNT = 2**31 - 1
+log = logging.getLogger(__name__)
 
 
 def _text(value: Any, what: str) -> str:
@@ -51,10 +71,20 @@ def _messages(conv: Any) -> list[dict[str, str]]:
         raise SampleSkipped("bad_record", "conversations must be a non-empty list")
     out = []
     for k, turn in enumerate(conv):
-        if not isinstance(turn, dict) or turn.get("from") not in _ROLES:
+        role = turn.get("from") if isinstance(turn, dict) else None
+        if not isinstance(role, str) or role not in _ROLES:  # a list is unhashable: check type
             raise SampleSkipped("bad_record", f"conversations[{k}] needs from: human|gpt")
-        out.append({"role": _ROLES[turn["from"]], "content": _text(turn.get("value"), "turn")})
+        out.append({"role": _ROLES[role], "content": _text(turn.get("value"), "turn")})
     return out
+
+
+def _sample_id(dataset: str, rec: dict[str, Any], default: str) -> str:
+    """``dataset:<record id>`` when the record has a short string or int id, else ``default``."""
+    rid = rec.get("id")
+    if isinstance(rid, bool) or not isinstance(rid, (str, int)):
+        return default
+    text = str(rid) if isinstance(rid, str) or abs(rid) < 10**MAX_ID_CHARS else ""
+    return f"{dataset}:{text}" if 0 < len(text) <= MAX_ID_CHARS else default
 
 
 class SampleProcessor:
@@ -91,18 +121,35 @@ class SampleProcessor:
         return sb
 
     def __call__(self, element: dict[str, Any]) -> dict[str, Any]:
+        """One source element -> a sample dict or a skip marker.
+
+        Raises:
+          SampleError: ``fail_fast`` is set and the sample is bad (names the sample id).
+          TooLongSample: ``too_long_policy`` is ``error`` and the sample is too long.
+          MemoryError: the host ran out of memory (see the module docstring).
+        """
         number, spec = self.specs[element["dataset"]]
         sample_id = f"{spec.name}:{element['index']}"
+        # Outside the isolation below: an unusable tokenizer is a config error, not a bad sample.
+        _ = self.tokenizer
         try:
             rec = parse_record(element)
-            if isinstance(rec.get("id"), (str, int)):
-                sample_id = f"{spec.name}:{rec['id']}"
+            sample_id = _sample_id(spec.name, rec, sample_id)
             media_root = self.root / spec.media_root
             process = getattr(self, f"_kind_{spec.kind}")
             ids, sup, frames = process(rec, media_root)
             self._check(ids, sup, frames, sample_id)
         except SampleSkipped as e:
-            return skip_marker(e.reason, sample_id, e.detail)
+            return self._skip(e.reason, sample_id, e.detail, e)
+        except TooLongSample as e:
+            if str(e).startswith("sample "):
+                raise
+            raise TooLongSample(f"sample {sample_id}: {e}") from None
+        except MemoryError:
+            raise
+        except Exception as e:  # one hostile record must cost one sample, not the run
+            log.debug("sample %s raised", sample_id, exc_info=True)
+            return self._skip(error_reason(e), sample_id, brief(e), e)
         return {
             "input_ids": ids,
             "supervised": sup,
@@ -110,6 +157,12 @@ class SampleProcessor:
             "sample_id": sample_id,
             "sample_index": (number << INDEX_BITS) | int(element["index"]),
         }
+
+    def _skip(self, reason: str, sample_id: str, detail: str, cause: Exception) -> dict[str, Any]:
+        """The skip marker, or under ``fail_fast`` a ``SampleError`` chaining ``cause``."""
+        if self.cfg.fail_fast:
+            raise SampleError(sample_id, reason, detail) from cause
+        return skip_marker(reason, sample_id, detail)
 
     def _check(self, ids: np.ndarray, sup: np.ndarray, frames: np.ndarray, sample_id: str):
         cfg = self.cfg
@@ -160,10 +213,20 @@ class SampleProcessor:
             raise SampleSkipped("bad_record", "video record needs conversations, captions or q/a")
         path = resolve_media(media_root, rel)
         fps, count = rec.get("fps"), rec.get("frame_count")
-        if fps is not None and not isinstance(fps, (int, float)):
-            raise SampleSkipped("bad_record", f"fps must be a number, got {fps!r}")
-        if count is not None and (not isinstance(count, int) or count < 0):
-            raise SampleSkipped("bad_record", f"frame_count must be an int >= 0, got {count!r}")
+        if fps is not None and (isinstance(fps, bool) or not isinstance(fps, (int, float))):
+            raise SampleSkipped("bad_record", f"fps must be a number, got {brief(fps)}")
+        try:
+            fps = None if fps is None else float(fps)
+        except OverflowError:  # an int beyond float range
+            raise SampleSkipped("bad_fps", f"fps {brief(fps)}") from None
+        if count is not None and (
+            isinstance(count, bool)
+            or not isinstance(count, int)
+            or not 0 <= count <= MAX_FRAME_COUNT
+        ):
+            raise SampleSkipped(
+                "bad_record", f"frame_count must be an int in [0, 2^31), got {brief(count)}"
+            )
         request = {
             "path": str(path),
             "size": cfg.image_size,
@@ -172,7 +235,7 @@ class SampleProcessor:
             "sp_degree": cfg.sp_degree,
             "min_frames": cfg.min_video_frames,
             "seek_gap_frames": cfg.seek_gap_frames,
-            "fps_hint": None if fps is None else float(fps),
+            "fps_hint": fps,
             "frame_count_hint": count or None,
         }
         if cfg.decode_timeout_s > 0:
@@ -190,6 +253,12 @@ class SampleProcessor:
             paths = [paths]
         if not isinstance(paths, list) or not paths:
             raise SampleSkipped("bad_record", "images must be a path or a non-empty list")
+        if len(paths) > self.cfg.max_frames_per_row:
+            # Before any decoding: a record listing 100k images must not decode them all first.
+            msg = f"{len(paths)} images (max {self.cfg.max_frames_per_row} frames per row)"
+            if self.cfg.too_long_policy == "error":
+                raise TooLongSample(msg)
+            raise SampleSkipped("too_long", msg)
         px = self.cfg.max_image_pixels
         imgs = [
             image_lib.load_image(resolve_media(media_root, p), self.cfg.image_size, px)
@@ -226,22 +295,26 @@ class SampleProcessor:
         paths = rec.get("images", [])
         n_tags = doc.count(text_lib.IMAGE_TOKEN)
         if not isinstance(paths, list) or n_tags != len(paths):
-            raise SampleSkipped("placeholder_mismatch", f"{n_tags} <image> vs images {paths!r}")
+            raise SampleSkipped(
+                "placeholder_mismatch", f"{n_tags} <image> vs images {brief(paths)}"
+            )
         frames = self._load_images(paths, media_root) if paths else self._no_frames()
         enc = text_lib.encode_document(self.tokenizer, doc)
         return enc.input_ids, enc.supervised, frames
 
     def _kind_text(self, rec: dict[str, Any], media_root: Path):
         ids = rec.get("text", rec.get("input_ids"))
-        if not isinstance(ids, list) or not all(isinstance(t, int) for t in ids):
+        # type(t) is int: JSON true/false are not token ids (bool subclasses int).
+        if not isinstance(ids, list) or not all(type(t) is int for t in ids):
             raise SampleSkipped("bad_record", "text must be a list of token ids")
         if not ids:
             raise SampleSkipped("empty_text", "empty token list")
         vocab = len(self.tokenizer)
-        arr = np.asarray(ids, dtype=np.int64)
-        if arr.min() < 0 or arr.max() >= vocab:
-            raise SampleSkipped("bad_record", f"token ids outside [0, {vocab})")
-        arr = arr.astype(np.int32)
+        # Range-check the Python ints first: numpy raises OverflowError on ids over 2^63.
+        bad = next((t for t in ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise SampleSkipped("bad_record", f"token id {brief(bad)} outside [0, {vocab})")
+        arr = np.asarray(ids, dtype=np.int32)
         return arr, np.ones(len(arr), dtype=bool), self._no_frames()
 
     def _no_frames(self) -> np.ndarray:

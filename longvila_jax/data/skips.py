@@ -5,6 +5,11 @@ sample): the per-sample transform raises ``SampleSkipped``, the pipeline turns i
 marker, and the packing stage in the main process counts it, logs its id and checks the rate over
 a sliding window of samples. Counting in the main process, after the worker processes, keeps the
 counters part of the exact, resumable iterator state.
+
+Every record may be hostile, so the transform isolates each sample: an unexpected exception
+while turning one record into a sample becomes a skip too, with the reason ``error:<Type>``
+(``error_reason``), counted and shown like the named reasons. ``DataConfig.fail_fast`` turns
+every skip into a ``SampleError`` naming the sample, for debugging.
 """
 
 from __future__ import annotations
@@ -14,15 +19,20 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
+from longvila_jax.core.errors import MAX_MESSAGE, InputError
+
 log = logging.getLogger(__name__)
 
 # Every reason a sample can be skipped for; the check CLI and tests use these names.
 REASONS = (
-    "bad_record",  # manifest entry is not a JSON object or lacks required fields
-    "bad_text_encoding",  # manifest line is not valid UTF-8
+    # manifest entry is not a JSON object, is hostile JSON (nested over 64 levels, duplicate
+    # keys, NaN), lacks required fields, or holds out-of-range values (a token id of 2**64)
+    "bad_record",
+    "bad_text_encoding",  # line is not valid UTF-8, or a string is not (a lone surrogate)
     "empty_text",  # empty question, answer, caption or document
     "path_outside_root",  # media path escapes the data root
     "missing_file",
+    "not_regular_file",  # media path is a FIFO, device, socket or directory (reading could hang)
     "empty_file",  # zero-byte media file
     "unreadable_video",  # container cannot be opened (truncated, no moov atom, not a video)
     "no_video_stream",
@@ -38,30 +48,70 @@ REASONS = (
     "too_long",  # longer than the packed row after visual-token expansion
     "no_supervised_tokens",
 )
+# Prefix of the reason of an unexpected exception in the transform: ``error:TypeError``.
+ERROR_PREFIX = "error:"
+
+
+def error_reason(exc: BaseException) -> str:
+    """The skip reason for an unexpected exception: ``error:<exception type name>``."""
+    return ERROR_PREFIX + type(exc).__name__
+
+
+def is_reason(reason: object) -> bool:
+    """Whether ``reason`` is one of ``REASONS`` or an ``error:<Type>`` reason."""
+    return isinstance(reason, str) and (
+        reason in REASONS or (reason.startswith(ERROR_PREFIX) and len(reason) > len(ERROR_PREFIX))
+    )
+
+
+def bound(text: str, limit: int = MAX_MESSAGE) -> str:
+    """``text`` cut to ``limit`` characters: details quote record content, which may be huge."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class SampleSkipped(Exception):
-    """A sample is bad and must be skipped; ``reason`` is one of ``REASONS``."""
+    """A sample is bad and must be skipped; ``reason`` satisfies ``is_reason``."""
 
     def __init__(self, reason: str, detail: str = ""):
-        if reason not in REASONS:
+        if not is_reason(reason):
             raise ValueError(f"unknown skip reason {reason!r}")
         self.reason = reason
-        self.detail = detail
-        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.detail = bound(detail)
+        super().__init__(f"{reason}: {self.detail}" if detail else reason)
+
+    def __reduce__(self):  # the default would call __init__ with the formatted message
+        return (type(self), (self.reason, self.detail))
 
 
-class SkipRateExceeded(RuntimeError):
+class SampleError(InputError):
+    """A bad sample with ``DataConfig.fail_fast`` set: names the sample id and the skip reason.
+
+    The exception that made the sample bad is chained as ``__cause__`` (in this process; a
+    grain worker process sends the error without its chain).
+    """
+
+    def __init__(self, sample_id: str, reason: str, detail: str = ""):
+        self.sample_id = sample_id
+        self.reason = reason
+        self.detail = bound(detail)
+        text = f"sample {sample_id}: {reason}" + (f" ({self.detail})" if detail else "")
+        super().__init__(f"{text}; fail_fast is set, so bad samples stop the run")
+
+    def __reduce__(self):  # picklable across grain worker processes
+        return (type(self), (self.sample_id, self.reason, self.detail))
+
+
+class SkipRateExceeded(InputError, RuntimeError):
     """Too many samples were skipped in the last window; the data set is likely broken."""
 
 
-class TooLongSample(ValueError):
+class TooLongSample(InputError):
     """A sample exceeds the row length and ``too_long_policy`` is ``error``."""
 
 
 def skip_marker(reason: str, sample_id: str, detail: str = "") -> dict[str, Any]:
-    """The element a per-sample transform yields instead of a sample."""
-    return {"skip_reason": reason, "sample_id": sample_id, "detail": detail}
+    """The element a per-sample transform yields instead of a sample (``detail`` bounded)."""
+    return {"skip_reason": reason, "sample_id": sample_id, "detail": bound(detail)}
 
 
 def is_skip(element: Mapping[str, Any]) -> bool:
@@ -122,11 +172,16 @@ class SkipCounter:
 
 
 __all__ = [
+    "ERROR_PREFIX",
     "REASONS",
+    "SampleError",
     "SampleSkipped",
     "SkipCounter",
     "SkipRateExceeded",
     "TooLongSample",
+    "bound",
+    "error_reason",
+    "is_reason",
     "is_skip",
     "skip_marker",
 ]

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from longvila_jax.core.errors import ConfigError, brief
 from longvila_jax.data.skips import SampleSkipped
 
 IMAGE_TOKEN = "<image>"
@@ -69,17 +70,27 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     """Loads a fast tokenizer from a local directory and checks the media token.
 
     Raises:
-      ValueError: the directory is missing, or ``<image>`` is not a single special token.
+      ConfigError: naming ``tokenizer_dir``: the directory is missing, holds no loadable fast
+        tokenizer, or ``<image>`` is not a single special token.
     """
     path = Path(path)
     if not path.is_dir():
-        raise ValueError(f"tokenizer_dir {path} is not a directory")
-    tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+        raise ConfigError("tokenizer_dir", f"{path} is not a directory")
+    try:
+        tok = AutoTokenizer.from_pretrained(
+            str(path), local_files_only=True, trust_remote_code=False
+        )
+    except MemoryError:
+        raise
+    except Exception as e:  # transformers raises many types (OSError, ValueError, JSON errors)
+        raise ConfigError("tokenizer_dir", f"{path}: cannot load a tokenizer ({brief(e)})") from e
     if not tok.is_fast:
-        raise ValueError(f"tokenizer in {path} is not a fast tokenizer (offsets are needed)")
+        raise ConfigError("tokenizer_dir", f"{path}: not a fast tokenizer (offsets are needed)")
     ids = tok(IMAGE_TOKEN, add_special_tokens=False)["input_ids"]
     if len(ids) != 1:
-        raise ValueError(f"{IMAGE_TOKEN} must be one special token in {path}, got ids {ids}")
+        raise ConfigError(
+            "tokenizer_dir", f"{IMAGE_TOKEN} must be one special token in {path}, got {brief(ids)}"
+        )
     return tok
 
 

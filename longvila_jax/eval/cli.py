@@ -3,8 +3,9 @@
 Shared pieces: number lists (``8,16,32`` or ``start:stop:step``, stop included), loading the
 model and tokenizer (``ckpt.load_pretrained``; the tokenizer from the checkpoint or
 ``--tokenizer``), the optional mesh file, and ``--cpu-devices`` to simulate devices on a CPU
-host (set before the jax backend starts). Errors in the inputs exit with status 2 and a one-line
-message naming the problem.
+host (set before the jax backend starts). Errors in the inputs (any ``core.errors.InputError``:
+a missing, garbage or tampered model directory, a bad mesh file, malformed annotations) exit
+with status 2 and a one-line ``error: ...`` message naming the problem, without a traceback.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
+
+from longvila_jax.core.errors import InputError
 
 
 def parse_numbers(text: str, kind: Callable = int) -> list:
@@ -75,11 +78,9 @@ def _setup(args):
 
 
 def _run(fn: Callable[[], int]) -> int:
-    from longvila_jax.config.base import ConfigError
-
     try:
         return fn()
-    except (ValueError, ConfigError, FileNotFoundError) as e:
+    except (InputError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -7,6 +7,10 @@
 ``--model`` is a project checkpoint or a VILA-layout directory (``ckpt.load_pretrained``); the
 tokenizer comes from the same directory unless ``--tokenizer`` is given. ``--fps F`` samples
 about F frames per second, at most ``--frames`` (default 8). Timings go to stderr.
+
+Exit status: 0 answered; 1 a bad input (a missing, garbage or tampered model directory, an
+unreadable video, a bad mesh file: any ``core.errors.InputError``), named on one ``error: ...``
+line without a traceback; 2 a bad argument.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+
+from longvila_jax.core.errors import InputError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -51,7 +57,6 @@ def main(argv: list[str] | None = None) -> int:
 
         jax.config.update("jax_num_cpu_devices", args.cpu_devices)
     from longvila_jax.ckpt.pretrained import load_pretrained, load_tokenizer
-    from longvila_jax.config.base import ConfigError
     from longvila_jax.data.skips import SampleSkipped
     from longvila_jax.infer.generate import Generator
     from longvila_jax.parallel.mesh import load_mesh_config, make_mesh
@@ -74,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
             stop=args.stop,
             on_text=lambda s: print(s, end="", flush=True),
         )
-    except (ConfigError, SampleSkipped, ValueError, FileNotFoundError) as e:
+    except (InputError, SampleSkipped, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(flush=True)

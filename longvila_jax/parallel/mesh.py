@@ -90,15 +90,26 @@ class MeshConfig:
             check(
                 num_devices % known == 0,
                 fill[0],
-                f"-1 cannot fill: {num_devices} devices not divisible by the other axes ({known})",
+                f"-1 cannot fill: {num_devices} devices not divisible by the other axes ({known})"
+                + _device_hint(num_devices, known),
             )
             fixed[fill[0]] = num_devices // known
+        product = math.prod(fixed.values())
         check(
-            math.prod(fixed.values()) == num_devices,
+            product == num_devices,
             "data*fsdp*ring*ulysses",
-            f"axis product {math.prod(fixed.values())} ({fixed}) != device count {num_devices}",
+            f"axis product {product} ({fixed}) != device count {num_devices}"
+            + _device_hint(num_devices, product),
         )
         return fixed
+
+
+def _device_hint(num_devices: int, wanted: int) -> str:
+    """How to get ``wanted`` devices: a CPU user most often just forgot to simulate them."""
+    return (
+        f"; jax sees {num_devices} device(s) here. On CPU set JAX_NUM_CPU_DEVICES={wanted} "
+        f"(or XLA_FLAGS=--xla_force_host_platform_device_count={wanted}) before starting"
+    )
 
 
 def load_mesh_config(path: str | Path, overrides: Sequence[str] = ()) -> MeshConfig:

@@ -28,10 +28,12 @@ steps to delete when a save is dispatched, but deletes them only after that save
 in its finalize thread; a save that fails raises before any deletion. So the good step a run
 resumed from is deleted only once a newer step, with its own manifest, has been committed.
 
-Fault injection (tests only): ``LONGVILA_TEST_KILL=<site>@<step>`` SIGKILLs the process at a
-named point of the save of step ``<step>`` (or after that step for ``after_step``). Sites are
-listed in :data:`KILL_SITES`; ``offset=<seconds>@<step>`` kills that long after the save was
-dispatched. Unset, none of this code runs.
+Fault injection (tests only): ``LONGVILA_TEST_KILL`` as ``core.faults`` parses it arms one
+kill per launch: ``<site>@<step>`` for the step-keyed :data:`KILL_SITES` (the save of
+``<step>``, or the final phase), ``offset=<s>@<step>`` (``<s>`` seconds after the save of
+``<step>`` was dispatched), ``<site>@<n>`` for :data:`COUNTED_SITES` (the ``n``-th time a
+launch reaches that point of the ``ckpt/`` writers), or a time-based kill of the final phase
+(``train.finish.arm_kill``). Unset, none of this code runs.
 """
 
 from __future__ import annotations
@@ -40,8 +42,6 @@ import json
 import logging
 import os
 import shutil
-import signal
-import sys
 import threading
 import time
 from collections.abc import Mapping
@@ -52,13 +52,15 @@ import jax
 import numpy as np
 
 from longvila_jax.config.train import CheckpointConfig
+from longvila_jax.core import faults
+from longvila_jax.core.errors import CheckpointError
 from longvila_jax.train.integrity import manifested_rename_class, verify_step_dir
 from longvila_jax.train.state import all_finite
 
 log = logging.getLogger(__name__)
 
-KILL_ENV = "LONGVILA_TEST_KILL"
-KILL_SITES = (
+KILL_ENV = faults.KILL_ENV
+KILL_SITES = (  # step-keyed: <site>@<step>
     "after_step",  # step finished, no save in flight
     "save_start",  # before the save is dispatched
     "after_dispatch",  # async save dispatched, writes in flight
@@ -67,7 +69,15 @@ KILL_SITES = (
     "before_commit",  # temp dir complete (commit marker written), not yet renamed
     "after_commit",  # committed, before the next save's retention cleanup
     "stage_transition",  # last checkpoint committed, final model not yet written
+    "final_written",  # final/ committed (by this launch or an earlier one), export not begun
+    "stage_done",  # final/ (and vila/) committed, the "final" event not yet logged
 )
+COUNTED_SITES = (  # core.faults points of ckpt/ writers: <site>@<n>, the n-th in a launch
+    "ckpt_group",  # ParamWriter.flush: one Orbax partial save of final/'s params done
+    "dir_commit",  # atomic_dir: output complete in its temp dir, not yet renamed (final/, vila/)
+    "export_file",  # SafetensorsWriter.close: one safetensors file of vila/ renamed into place
+)
+_WATCHED = ("offset", "mid_write", "mid_iter_state", "before_commit")  # save-window sites
 _TMP = ".orbax-checkpoint-tmp"
 CORRUPT_DIR = "corrupt"  # failed steps newer than the restored one are moved here
 
@@ -76,53 +86,55 @@ class NonFiniteState(RuntimeError):
     """The train state holds NaN/Inf; it must never be committed."""
 
 
-class CorruptCheckpoints(RuntimeError):
+class CorruptCheckpoints(CheckpointError, RuntimeError):
     """Committed checkpoints exist but none matches its integrity manifest."""
 
 
-def _die(site: str, step: int) -> None:
-    sys.stderr.write(f"[kill-switch] SIGKILL at {site}@{step}\n")
-    sys.stderr.flush()
-    os.kill(os.getpid(), signal.SIGKILL)
-
-
 class KillSwitch:
-    """Test-only fault injection parsed from ``$LONGVILA_TEST_KILL`` (inactive when unset)."""
+    """Test-only fault injection for the training loop's sites (inactive unless armed).
 
-    def __init__(self, spec: str | None = None):
-        spec = os.environ.get(KILL_ENV, "") if spec is None else spec
+    Args:
+      armed: ``(site, n)`` as :func:`core.faults.armed` returns it, or None (inactive). Use
+        :meth:`from_env` for the switch ``$LONGVILA_TEST_KILL`` arms.
+
+    Sites this class does not know (``COUNTED_SITES``, the final phase's, another module's)
+    are left to ``core.faults.hit`` and ``train.finish.arm_kill``, which read the same
+    variable.
+    """
+
+    def __init__(self, armed: tuple[str, int] | None = None):
         self.site: str | None = None
         self.offset: float | None = None
         self.step = -1
         self.label = ""
-        if not spec:
+        if armed is None:
             return
-        site, _, step = spec.partition("@")
-        if not step.isdigit():
-            raise ValueError(f"{KILL_ENV}={spec!r}: expected <site>@<step>")
-        self.step = int(step)
-        if site.startswith("offset="):
-            self.offset = float(site[len("offset=") :])
-            self.site = "offset"
-            self.label = site
-        elif site in KILL_SITES:
-            self.site = self.label = site
-        else:
-            raise ValueError(f"{KILL_ENV}: unknown site {site!r} (known: {KILL_SITES})")
+        site, self.step = armed
+        self.site = self.label = site
+        kind, eq, seconds = site.partition("=")
+        if eq and kind == "offset":
+            self.site, self.offset = kind, float(seconds)  # ValueError if not a number
+
+    @classmethod
+    def from_env(cls) -> KillSwitch:
+        """The switch armed by ``$LONGVILA_TEST_KILL`` (inactive when unset).
+
+        Raises:
+          ValueError: the variable is set but not ``<site>@<n>``.
+        """
+        armed = faults.armed()
+        if armed is None and os.environ.get(KILL_ENV):
+            raise ValueError(f"{KILL_ENV}={os.environ[KILL_ENV]!r}: expected <site>@<n>")
+        return cls(armed)
 
     def at(self, site: str, step: int) -> None:
         """Kills the process if ``site@step`` is the armed point."""
         if self.site == site and self.step == step:
-            _die(site, step)
+            faults.die(f"{site}@{step}")
 
     def watch_save(self, directory: Path, step: int) -> None:
         """Arms a watcher thread for the in-flight save of ``step`` (file-based sites)."""
-        if self.step != step or self.site not in (
-            "offset",
-            "mid_write",
-            "mid_iter_state",
-            "before_commit",
-        ):
+        if self.step != step or self.site not in _WATCHED:
             return
         tmp = directory / f"{step}{_TMP}"
         final = directory / str(step)
@@ -141,9 +153,9 @@ class KillSwitch:
         def run():
             while True:
                 if reached():
-                    _die(self.label, step)
+                    faults.die(f"{self.label}@{step}")
                 if final.exists():  # the window closed before we saw it: kill late anyway
-                    _die(f"{self.label}(late)", step)
+                    faults.die(f"{self.label}(late)@{step}")
                 time.sleep(0.0002)
 
         threading.Thread(target=run, daemon=True, name="kill-switch").start()
@@ -198,7 +210,7 @@ class Checkpointer:
             )
             _HANDLER_SET = True
         self.directory = Path(directory).absolute()
-        self.kill = kill or KillSwitch("")
+        self.kill = kill or KillSwitch()
         opts = ocp.CheckpointManagerOptions(
             max_to_keep=cfg.keep,
             enable_async_checkpointing=cfg.async_save,
@@ -364,6 +376,7 @@ def _grain_save(item):
 
 __all__ = [
     "CORRUPT_DIR",
+    "COUNTED_SITES",
     "KILL_ENV",
     "KILL_SITES",
     "Checkpointer",

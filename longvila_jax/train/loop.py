@@ -13,13 +13,13 @@ Order of a run (every check that can fail on config happens before anything comp
    steps; SIGTERM saves the current step and exits with :data:`EXIT_PREEMPTED`;
    ``max_consecutive_nonfinite`` skipped steps in a row exit with :data:`EXIT_NONFINITE`.
 6. Write the final project checkpoint ``<run_dir>/final`` (LoRA merged) for the next stage's
-   ``stage:<name>``; optionally export it to the VILA layout (``<run_dir>/vila``).
+   ``stage:<name>``; optionally export it to the VILA layout (``<run_dir>/vila``)
+   (:mod:`longvila_jax.train.finish`, which also lists the kill points of that phase).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import shutil
 import signal
 from collections.abc import Callable
 from pathlib import Path
@@ -41,13 +41,14 @@ from longvila_jax.config.train import (
     resolve_stage,
     stage_fingerprint,
 )
-from longvila_jax.train import multihost
+from longvila_jax.train import finish, multihost
 from longvila_jax.train.checkpoint import (
     Checkpointer,
     CorruptCheckpoints,
     KillSwitch,
     NonFiniteState,
 )
+from longvila_jax.train.finish import FINAL_DIR, VILA_DIR, barrier, write_final
 from longvila_jax.train.metrics import MetricsWriter, batch_fingerprint, float_bits, sample_ids
 from longvila_jax.train.objective import OBJECTIVES
 from longvila_jax.train.optim import make_optimizer, make_schedule
@@ -68,9 +69,7 @@ EXIT_CONFIG = 2
 EXIT_NONFINITE = 3
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: rerun the same command to continue
 
-FINAL_DIR = "final"
 INIT_DIR = "init"
-_COMPONENT = {"llm": "llm", "vision": "vision_tower", "projector": "mm_projector"}
 
 
 def init_source(stage: StageConfig) -> tuple[str, Any]:
@@ -126,16 +125,9 @@ def prepare_init(resolved: ResolvedStage, run_dir: Path, primary: bool) -> Path 
             raise ConfigError(
                 "init_from", f"{value} is neither a project checkpoint nor a VILA dir"
             )
-    _barrier("init-import")
+    barrier("init-import")
     orbax_io.verify_checkpoint(target)
     return target
-
-
-def _barrier(name: str) -> None:
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
 
 
 def runtime_model(resolved: ResolvedStage, init_ckpt: Path | None) -> ModelConfig:
@@ -198,115 +190,6 @@ def _flat_names(tree, prefix=""):
             yield name
 
 
-def _to_host(x) -> np.ndarray:
-    if not isinstance(x, jax.Array) or x.is_fully_addressable:
-        return np.asarray(x)
-    from jax.experimental import multihost_utils
-
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-
-def write_final(
-    out: Path, cfg: ModelConfig, flat: dict, like: Path | None, export_tokenizer: Path | None = None
-) -> None:
-    """Writes the stage's output as a project checkpoint (``ckpt.orbax_io`` layout), and its
-    VILA layout (``<out>/../vila``) when ``export_tokenizer`` is given.
-
-    In a multi-process job, process 0 does the writing in a single-process child: Orbax's v1
-    saver used by ``ckpt.orbax_io`` synchronises every process of a distributed job, which the
-    other processes (not writing) would never join.
-    """
-    for stale in out.parent.glob(f".{out.name}.tmp-*"):  # left by a kill mid-write
-        shutil.rmtree(stale, ignore_errors=True)
-    host = {n: _to_host(v) for n, v in flat.items()}
-    if jax.process_index() != 0:
-        return
-    if jax.process_count() == 1:
-        finalize(out, cfg, host, like, export_tokenizer)
-        return
-    import os
-    import subprocess
-    import sys
-
-    from safetensors.numpy import save_file
-
-    params_file = out.parent / ".final-params.safetensors"
-    save_file({n: np.ascontiguousarray(v) for n, v in host.items()}, str(params_file))
-    save_yaml(cfg, out.parent / ".final-model.yaml")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("LONGVILA_", "SLURM_"))}
-    env["JAX_PLATFORMS"] = "cpu"
-    code = (
-        "import sys; from longvila_jax.train.loop import finalize_from_files as f; f(*sys.argv[1:])"
-    )
-    args = [str(out), str(out.parent / ".final-model.yaml"), str(params_file)]
-    args += [str(like or ""), str(export_tokenizer or "")]
-    subprocess.run([sys.executable, "-c", code, *args], check=True, env=env)
-    params_file.unlink()
-
-
-def finalize_from_files(out: str, model_yaml: str, params: str, like: str, tok: str) -> None:
-    """Child-process entry of :func:`write_final` (files written by the parent)."""
-    from safetensors.numpy import load_file
-
-    from longvila_jax.config.base import load_config
-
-    cfg = load_config(ModelConfig, model_yaml)
-    finalize(
-        Path(out), cfg, load_file(params), Path(like) if like else None, Path(tok) if tok else None
-    )
-
-
-def finalize(
-    out: Path, cfg: ModelConfig, host: dict, like: Path | None, export_tokenizer: Path | None
-) -> None:
-    """Writes the final project checkpoint (and the VILA export) from host arrays."""
-    from longvila_jax.ckpt import orbax_io
-
-    if not out.is_dir():
-        if like is not None:
-            orbax_io.save_checkpoint(out, cfg, nest(host), like=like)
-        else:
-            _write_random_final(out, cfg, host)
-    if export_tokenizer is not None:
-        export(out, out.parent / "vila", export_tokenizer)
-
-
-def _write_random_final(out: Path, cfg: ModelConfig, host: dict) -> None:
-    from longvila_jax.ckpt import orbax_io
-
-    with orbax_io.checkpoint_dir(out) as tmp:
-        orbax_io.write_metadata(tmp, cfg, {"source": {"layout": "random"}})
-        writer = orbax_io.ParamWriter(tmp)
-        for name, value in host.items():
-            attr, *path = name.split("/")
-            writer.save(_COMPONENT[attr], tuple(path), value)
-        writer.finalize()
-
-
-def export(final: Path, out: Path, tokenizer_dir: Path) -> None:
-    """Writes the VILA layout of a stage's final checkpoint (LoRA is already merged there).
-
-    A chain that started from an imported VILA/HF checkpoint reproduces that layout exactly
-    (``ckpt.vila_export``); one that started from a random init gets a freshly generated layout
-    (``ckpt.fresh``) with the data tokenizer ``tokenizer_dir``.
-    """
-    from longvila_jax.ckpt import orbax_io
-
-    layout = orbax_io.read_provenance(final).get("source", {}).get("layout")
-    if layout in ("vila", "hf_parts"):
-        from longvila_jax.ckpt.vila_export import export_vila
-
-        if not out.is_dir():
-            export_vila(final, out)
-        return
-    from longvila_jax.ckpt.fresh import write_vila
-    from longvila_jax.ckpt.pretrained import load_pretrained
-
-    if out.is_dir():
-        return
-    write_vila(load_pretrained(final), tokenizer_dir, out)
-
-
 def check_resume_config(saved: Any, current: dict, run_dir: Path, step: int) -> None:
     """Refuses to resume ``run_dir`` with a stage config other than the checkpoint's.
 
@@ -350,6 +233,7 @@ def run_stage(
     mesh_path: str | None = None,
     progress: bool = True,
     objective_factory: Callable | None = None,
+    fail_fast: bool = False,
 ) -> int:
     """Runs (or resumes) one stage; returns the process exit code (``EXIT_*``).
 
@@ -358,6 +242,8 @@ def run_stage(
       mesh_path: mesh YAML overriding ``stage.mesh``.
       progress: show the progress bar.
       objective_factory: ``(resolved, mesh) -> Objective``; default ``OBJECTIVES[stage.objective]``.
+      fail_fast: stop at the first bad sample with a ``SampleError`` naming it
+        (``DataConfig.fail_fast``; not part of the resume fingerprint).
     """
     from longvila_jax.data.pipeline import DataIterator
     from longvila_jax.parallel.host_shards import data_shard
@@ -371,9 +257,13 @@ def run_stage(
         process_count=info.process_count,
         devices_per_process=info.local_devices,
     )
+    if fail_fast:
+        resolved = dataclasses.replace(
+            resolved, data=dataclasses.replace(resolved.data, fail_fast=True)
+        )
     primary = info.process_index == 0
     run_dir = Path(stage.run_dir)
-    if (run_dir / FINAL_DIR).is_dir() and (not stage.export_vila or (run_dir / "vila").is_dir()):
+    if (run_dir / FINAL_DIR).is_dir() and (not stage.export_vila or (run_dir / VILA_DIR).is_dir()):
         print(f"stage {stage.name}: {run_dir / FINAL_DIR} exists; nothing to do")
         return EXIT_OK
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -407,7 +297,7 @@ def run_stage(
     from longvila_jax.train.state import state_shardings
 
     st_sh = state_shardings(abstract, param_sh, mesh, optimizer)
-    kill = KillSwitch()
+    kill = KillSwitch.from_env()
     ckpt = Checkpointer(run_dir / "checkpoints", stage.checkpoint, kill)
     # Rows are read per data shard, not per process: the processes of one sequence-parallel
     # group read the same rows and each supplies its devices' slices (``host_shards``).
@@ -468,14 +358,13 @@ def run_stage(
             return code
         state = code
         kill.at("stage_transition", stage.steps)
+        finish.arm_kill(run_dir, stage.steps)
+        metrics.event("final_phase", step=stage.steps)
         flat = jax.jit(lambda s: model_params(s, lora_scale))(state)
-        tok = None
-        if stage.export_vila:
-            tok = Path(resolved.data.tokenizer_dir)
-            tok = tok if tok.is_absolute() else Path(resolved.data.root) / tok
-        write_final(run_dir / FINAL_DIR, model_cfg, flat, init_ckpt, tok)
-        _barrier("final-written")
-        metrics.event("final", path=str(run_dir / FINAL_DIR))
+        tok = finish.export_tokenizer_dir(resolved.data) if stage.export_vila else None
+        finish.finish_stage(
+            run_dir, model_cfg, flat, init_ckpt, tok, step=stage.steps, event=metrics.event
+        )
         return EXIT_OK
     finally:
         metrics.close()

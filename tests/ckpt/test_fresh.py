@@ -16,6 +16,7 @@ from longvila_jax.ckpt.pretrained import load_pretrained
 from longvila_jax.ckpt.vila_import import import_vila
 from longvila_jax.config import ModelConfig, load_config
 from longvila_jax.config.base import apply_overrides, to_dict
+from longvila_jax.core.manifest import MANIFEST_FILE
 from longvila_jax.data.synthetic import train_tokenizer
 from longvila_jax.models.vlm import LongVILA
 
@@ -69,7 +70,9 @@ def test_hf_loads_the_written_layout_with_equal_outputs(name, tokenizer_dir, tmp
 def test_import_round_trip_gives_identical_params_and_order(name, tokenizer_dir, tmp_path):
     model = _model(name)
     vila = write_vila(model, tokenizer_dir, tmp_path / "vila")
+    assert not (vila / MANIFEST_FILE).exists()  # a VILA layout for PyTorch, not our checkpoint
     import_vila(vila, tmp_path / "ckpt")
+    assert (tmp_path / "ckpt" / MANIFEST_FILE).is_file()
     loaded = load_pretrained(tmp_path / "ckpt")
     assert loaded.cfg.projector.token_order == model.cfg.projector.token_order
     assert loaded.cfg.image_token_id == 3

@@ -85,7 +85,7 @@ def _build(root: Path, corpus: Path) -> dict[str, tuple[list[bytes], Counter, li
         },
         "bad_fps": lambda i: {
             "video": "good.mp4",
-            "fps": [0, float("nan"), -1.0][i],
+            "fps": [0, -0.5, -1.0][i],
             "conversations": _turns(),
         },
         "too_few_frames": lambda i: {"video": f"one{i}.mp4", "conversations": _turns()},
@@ -93,7 +93,9 @@ def _build(root: Path, corpus: Path) -> dict[str, tuple[list[bytes], Counter, li
             "video": ["../../x.mp4", str(outside), "a/../../x.mp4"][i],
             "conversations": _turns(),
         },
-        "decode_timeout": lambda i: {"video": f"hang{i}.mp4", "conversations": _turns()},
+        # A FIFO would block the decoder forever: refused before decoding (the sandbox's own
+        # timeout on a hanging decoder is tested in test_data_media).
+        "not_regular_file": lambda i: {"video": f"hang{i}.mp4", "conversations": _turns()},
         "too_long": lambda i: {"video": "good.mp4", "conversations": _turns(q="word " * 300)},
         "no_supervised_tokens": lambda i: {
             "video": "good.mp4",
@@ -106,13 +108,15 @@ def _build(root: Path, corpus: Path) -> dict[str, tuple[list[bytes], Counter, li
             add(reason, {"id": f"{reason}{i}", **make(i)})
     for _ in range(N):
         add("bad_text_encoding", raw=b'{"id": "enc", "video": "good\xff\xfe.mp4"}')
-    add("bad_record", raw=b"[1, 2]")
+    # NaN is not JSON: the line is refused as a whole (hostile JSON), before fps is read.
+    add("bad_record", raw=b'{"id": "nan", "video": "good.mp4", "fps": NaN, "q": "Q?", "a": "7"}')
     add("bad_record", raw=b"not json")
     add("bad_record", {"id": "nofields", "video": "good.mp4"})
 
     img, want_i, good_i = [], Counter(), []
     Image.fromarray(good_frames[0]).save(m / "good.png")
     for i in range(N):
+        os.mkfifo(m / f"fifo{i}.png")
         Image.fromarray(good_frames[i]).save(m / f"c{i}.png")
         (m / f"c{i}.png").write_bytes((m / f"c{i}.png").read_bytes()[: 50 + 10 * i])
         _png_header_only(m / f"bomb{i}.png", 30000 + i, 30000)
@@ -124,8 +128,15 @@ def _build(root: Path, corpus: Path) -> dict[str, tuple[list[bytes], Counter, li
         img.append({"image": f"bomb{i}.png", "conversations": _turns("Q?")})
         img.append({"image": "good.png", "conversations": _turns("<image>\n<image>\nQ?")})
         img.append({"image": "good.png", "caption": ""})
+        img.append({"image": f"fifo{i}.png", "conversations": _turns("Q?")})
     want_i.update(
-        {"corrupt_image": N, "image_too_large": N, "placeholder_mismatch": N, "empty_text": N}
+        {
+            "corrupt_image": N,
+            "image_too_large": N,
+            "placeholder_mismatch": N,
+            "empty_text": N,
+            "not_regular_file": N,
+        }
     )
     return {
         "videos": (vid, want_v, good_v),
@@ -189,4 +200,15 @@ def test_too_long_policy_error_names_sample(bad_root, make_cfg):
     root, _ = bad_root
     rec = {"id": "long1", "image": "good.png", "conversations": _turns("word " * 300)}
     with pytest.raises(TooLongSample, match="images:long1"):
+        _run(make_cfg, root, "images", [json.dumps(rec).encode()], too_long_policy="error")
+
+
+def test_many_images_are_too_long_before_any_decoding(bad_root, make_cfg):
+    # 5000 paths that do not exist: had any been opened, the skip would be missing_file.
+    root, _ = bad_root
+    paths = [f"none{i}.png" for i in range(5000)]
+    rec = {"id": "many", "image": paths, "conversations": _turns("Q?")}
+    it, got = _run(make_cfg, root, "images", [json.dumps(rec).encode()])
+    assert dict(it.skip_counts) == {"too_long": 1} and got == []
+    with pytest.raises(TooLongSample, match="images:many: 5000 images"):
         _run(make_cfg, root, "images", [json.dumps(rec).encode()], too_long_policy="error")

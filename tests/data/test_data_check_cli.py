@@ -69,3 +69,65 @@ def test_check_module_entry_point(corpus):
     report = json.loads(out.stdout)
     assert report["samples_ok"] == 4 and report["skipped"] == {}
     assert report["frames"]["max"] == 1
+
+
+def _hostile_text_manifest(corpus: Path, tmp_path: Path) -> Path:
+    good = (corpus / "text.jsonl").read_bytes().splitlines()[:2]
+    deep = b'{"id": "deep", "text": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    big = b'{"id": "big", "text": [5, 18446744073709551616]}'  # 2**64
+    path = tmp_path / "hostile.jsonl"
+    path.write_bytes(b"\n".join([good[0], big, deep, good[1]]) + b"\n")
+    return path
+
+
+def _check(argv: list[str], capsys) -> tuple[int, str, str]:
+    rc = check.main(argv)
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err
+    return rc, out, err
+
+
+def test_check_reports_hostile_records(corpus, tmp_path, capsys):
+    path = _hostile_text_manifest(corpus, tmp_path)
+    rc, out, _ = _check(
+        [str(path), "--config", str(corpus / "data.yaml"), "--kind", "text"], capsys
+    )
+    report = json.loads(out)
+    assert rc == 1 and report["samples"] == 4 and report["samples_ok"] == 2
+    assert report["skipped"] == {"bad_record": 2}
+    examples = report["skip_examples"]["bad_record"]
+    assert examples[0].startswith("hostile:big: token id 18446744073709551616")
+    # Unparsed, so named by its line number.
+    assert examples[1].startswith("hostile:2: manifest line: JSON nested deeper than 64")
+
+
+def test_check_fail_fast_names_the_sample(corpus, tmp_path, capsys):
+    path = _hostile_text_manifest(corpus, tmp_path)
+    argv = [str(path), "--config", str(corpus / "data.yaml"), "--kind", "text", "--fail-fast"]
+    rc, out, err = _check(argv, capsys)
+    assert rc == 1 and not out
+    assert err.startswith("error: sample hostile:big: bad_record") and err.count("\n") == 1
+
+
+def test_check_config_and_manifest_errors(corpus, tmp_path, capsys):
+    """Config problems exit 2, data problems 1, each with one line naming the file or field."""
+    cfg = str(corpus / "data.yaml")
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("root: [\n")
+    deep = tmp_path / "deep.json"
+    deep.write_bytes(b"[" * 100_000 + b"]" * 100_000)
+    broken = tmp_path / "broken.json"
+    broken.write_text('[{"id": 1}')
+    cases = [
+        ([str(deep), "--config", str(bad_yaml)], 2, f"config error: --config: {bad_yaml}: invalid"),
+        ([str(deep), "--config", cfg, "--set", "nope=1"], 2, "config error: nope: override"),
+        ([str(tmp_path / "gone.json"), "--config", cfg, "--kind", "text"], 1, "gone.json does not"),
+        ([str(deep), "--config", cfg, "--kind", "text"], 1, "'deep' manifest: "),
+        ([str(broken), "--config", cfg, "--kind", "text"], 1, "broken.json: invalid JSON"),
+    ]
+    for argv, want_rc, fragment in cases:
+        rc, out, err = _check(argv, capsys)
+        assert (rc, out) == (want_rc, ""), (argv, err)
+        assert fragment in err and err.count("\n") == 1, err
+        assert err.startswith("config error: " if want_rc == 2 else "error: "), err
+    assert "deeper than 64" in _check(cases[3][0], capsys)[2]

@@ -211,3 +211,12 @@ def test_sandbox_child_death_is_a_crash_skip(tmp_path):
         np.testing.assert_array_equal(sb.decode(path=str(path), size=32, num_frames=4), ref)
     finally:
         sb.close()
+
+
+def test_image_that_is_a_fifo_is_skipped_without_blocking(tmp_path):
+    # load_image checks the open descriptor, so a FIFO swapped in after the manifest's path
+    # check cannot block Pillow's read.
+    fifo = tmp_path / "swap.png"
+    os.mkfifo(fifo)
+    with pytest.raises(SampleSkipped, match="not_regular_file.*FIFO"):
+        load_image(fifo, 32)

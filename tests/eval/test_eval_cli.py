@@ -14,7 +14,7 @@ from _eval_models import ROOT, make_model
 from _xla_env import FAST_COMPILE
 from flax import nnx
 
-from longvila_jax.eval.cli import parse_numbers, vniah_main
+from longvila_jax.eval.cli import parse_numbers, videomme_main, vniah_main
 
 
 def _run(args: list[str], *, devices: bool = True, timeout: int = 300):
@@ -44,7 +44,7 @@ def save_checkpoint(model, out: Path) -> Path:
     from longvila_jax.ckpt import orbax_io
 
     inv = {v: k for k, v in orbax_io.ATTR.items()}
-    with orbax_io.atomic_dir(out) as tmp:
+    with orbax_io.checkpoint_dir(out) as tmp:
         orbax_io.write_metadata(tmp, model.cfg, {"source": {"layout": "random"}})
         writer = orbax_io.ParamWriter(tmp)
         for attr, sub in nnx.to_pure_dict(nnx.state(model)).items():
@@ -66,6 +66,18 @@ def test_vniah_cli_reports_bad_model_dir(tmp_path, capsys):
     )
     assert code == 2
     assert "neither a project checkpoint" in capsys.readouterr().err
+
+
+def test_videomme_cli_reports_tampered_checkpoint(tmp_path, capsys):
+    """A project checkpoint without its integrity manifest: one ``error:`` line, exit 2."""
+    (tmp_path / "params").mkdir()
+    (tmp_path / "model.yaml").write_text((ROOT / "configs/model/tiny-qwen2.yaml").read_text())
+    code = videomme_main(
+        ["--model", str(tmp_path), "--annotations", "a.json", "--videos", "v", "--frames", "4"]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith(f"error: {tmp_path}: integrity check failed"), err
+    assert err.count("\n") == 1 and "Traceback" not in err
 
 
 def test_generator_clis(tmp_path):

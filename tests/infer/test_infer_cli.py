@@ -42,7 +42,7 @@ def _save_checkpoint(model, tokenizer_dir: Path, out: Path) -> None:
         for k, v in tree.items():
             yield from leaves(v, (*prefix, k)) if isinstance(v, dict) else [((*prefix, k), v)]
 
-    with orbax_io.atomic_dir(out) as tmp:
+    with orbax_io.checkpoint_dir(out) as tmp:
         orbax_io.write_metadata(tmp, model.cfg, {"source": {"layout": "random"}})
         writer = orbax_io.ParamWriter(tmp)
         for attr, sub in pure.items():
@@ -146,3 +146,15 @@ def test_teacher_forced_matches_dense_forward(setup):
         (start + np.arange(len(ans)))[None],
     )[0]
     assert max_abs(own, ref) <= 1e-5
+
+
+def test_cli_reports_garbage_model_dir(tmp_path, capsys):
+    """A garbage model folder (malformed ``model.yaml``, no integrity manifest): one
+    ``error:`` line naming it, exit 1."""
+    (tmp_path / "params").mkdir()
+    (tmp_path / "model.yaml").write_text("llm: [\n")
+    argv = ["--model", str(tmp_path), "--video", str(tmp_path / "clip.mp4"), QUESTION]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert err.startswith(f"error: {tmp_path}") and "Traceback" not in err

@@ -7,7 +7,8 @@ manifest, a corrupt JSON file, a corrupt manifest. A fresh Checkpointer (as a re
 must skip that step, warn with the step and the bad file, move it aside, and restore the
 previous step bit for bit. All steps corrupt must raise, and retention after a fallback must
 keep the good step until a newer one is committed. The end-to-end trainer run with a corrupt
-newest step is part of the random-offset kill chain in ``test_resume.py``.
+newest step is part of the random-offset kill chain in ``test_resume_offsets.py``; the kill
+switch's parsing of ``$LONGVILA_TEST_KILL`` (through ``core.faults``) is checked here.
 """
 
 from __future__ import annotations
@@ -23,7 +24,13 @@ from _harness import array_file, flip_array_byte
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from longvila_jax.config.train import CheckpointConfig
-from longvila_jax.train.checkpoint import CORRUPT_DIR, Checkpointer, CorruptCheckpoints
+from longvila_jax.core.faults import KILL_ENV
+from longvila_jax.train.checkpoint import (
+    CORRUPT_DIR,
+    Checkpointer,
+    CorruptCheckpoints,
+    KillSwitch,
+)
 from longvila_jax.train.integrity import COMMIT_FILE, MANIFEST_FILE, verify_step_dir
 
 
@@ -231,3 +238,28 @@ def test_retention_after_fallback_keeps_the_last_good_step(tmp_path):
         assert _bits(state) == _bits(_state(4))
     finally:
         ck.close()
+
+
+@pytest.mark.parametrize(
+    ("spec", "site", "step", "offset"),
+    [
+        ("", None, -1, None),
+        ("mid_write@3", "mid_write", 3, None),
+        ("offset=0.25@4", "offset", 4, 0.25),
+        ("dir_commit@2", "dir_commit", 2, None),  # a core.faults site: left to faults.hit
+        ("final_offset=0.5@8", "final_offset=0.5", 8, None),  # train.finish.arm_kill's
+    ],
+)
+def test_kill_switch_parses_the_env_through_faults(monkeypatch, spec, site, step, offset):
+    monkeypatch.setenv(KILL_ENV, spec)
+    kill = KillSwitch.from_env()
+    assert (kill.site, kill.step, kill.offset) == (site, step, offset)
+    kill.at("after_step", 1)  # not armed there: returns
+    kill.watch_save(Path("/nonexistent"), 99)  # nor there
+
+
+@pytest.mark.parametrize("spec", ["mid_write", "mid_write@x", "offset=soon@2"])
+def test_kill_switch_refuses_a_malformed_spec(monkeypatch, spec):
+    monkeypatch.setenv(KILL_ENV, spec)
+    with pytest.raises(ValueError):
+        KillSwitch.from_env()

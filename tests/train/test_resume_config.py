@@ -76,8 +76,13 @@ def test_bookkeeping_fields_may_change_on_resume(corpus, tmp_path):
         "export_vila",
         "checkpoint.async_save",
         "run_dir",
+        "data.inline.fail_fast",
     }
     check_resume_config(stage_fingerprint(base), stage_fingerprint(changed), Path("run"), 4)
+    # A checkpoint written before DataConfig had ``fail_fast`` (the key absent) resumes too.
+    old = to_dict(base)
+    del old["data"]["inline"]["fail_fast"]
+    check_resume_config(old, stage_fingerprint(changed), Path("run"), 4)
     # Checkpoints written when these fields were still fingerprinted resume too.
     check_resume_config(to_dict(base), stage_fingerprint(changed), Path("run"), 4)
 
