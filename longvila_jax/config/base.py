@@ -27,6 +27,10 @@ from longvila_jax.core.safe_load import load_yaml_file, parse_yaml
 from longvila_jax.core.safe_paths import write_atomic
 
 T = TypeVar("T")
+_MAX_KEY = 64
+# Config integers are sizes, counts and ids: anything beyond int64 is hostile and would
+# overflow numpy, C and float conversions downstream.
+_INT_LIMIT = 2**63
 
 
 def check(cond: bool, field: str, message: str) -> None:
@@ -35,8 +39,13 @@ def check(cond: bool, field: str, message: str) -> None:
         raise ConfigError(field, message)
 
 
-def _join(prefix: str, key: str) -> str:
-    return f"{prefix}.{key}" if prefix else key
+def _join(prefix: str, key: Any) -> str:
+    """``prefix.key``; a key that is long or not printable (from a hostile file) is quoted
+    through ``brief`` so field names stay short."""
+    text = str(key) if isinstance(key, (str, int)) and not isinstance(key, bool) else brief(key)
+    if len(text) > _MAX_KEY or not text.isprintable():
+        text = brief(text)[:_MAX_KEY]
+    return f"{prefix}.{text}" if prefix else text
 
 
 def _type_name(tp: Any) -> str:
@@ -96,7 +105,7 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
             raise ConfigError(path, f"expected a mapping, got {brief(value)}")
         ktp, vtp = args if args else (Any, Any)
         return {
-            _coerce(ktp, k, _join(path, str(k))): _coerce(vtp, v, _join(path, str(k)))
+            _coerce(ktp, k, _join(path, k)): _coerce(vtp, v, _join(path, k))
             for k, v in value.items()
         }
     if tp is bool:
@@ -105,8 +114,10 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
         raise ConfigError(path, f"expected a boolean, got {brief(value)}")
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
+            if not -_INT_LIMIT < value < _INT_LIMIT:
+                raise ConfigError(path, f"{brief(value)} does not fit in 64 bits")
             return value
-        if isinstance(value, float) and value.is_integer():
+        if isinstance(value, float) and value.is_integer() and abs(value) < _INT_LIMIT:
             return int(value)
         raise ConfigError(path, f"expected an integer, got {brief(value)}")
     if tp is float:
@@ -146,7 +157,7 @@ def from_dict(cls: type[T], data: Mapping[str, Any], path: str = "") -> T:
     unknown = sorted(set(data) - set(fields), key=str)
     if unknown:
         raise ConfigError(
-            _join(path, str(unknown[0])),
+            _join(path, unknown[0]),
             f"unknown key for {cls.__name__} (known: {', '.join(sorted(fields))})",
         )
     kwargs = {}
@@ -177,7 +188,7 @@ def parse_override(item: str) -> tuple[str, Any]:
     key, sep, raw = item.partition("=")
     key = key.strip()
     if not sep or not key:
-        raise ConfigError(key, f"override {item!r} must have the form a.b.c=value")
+        raise ConfigError(key, f"override {brief(item)} must have the form a.b.c=value")
     value = parse_yaml(raw, key) if raw.strip() else ""
     return key, value
 
@@ -198,10 +209,12 @@ def apply_overrides(cls: type[T], data: Mapping[str, Any], overrides: Sequence[s
             if sub is None and isinstance(node, dict) and part in node:
                 sub = node[part] = {}
             if not isinstance(sub, dict):
-                raise ConfigError(".".join(parts[: i + 1]), f"override {item!r}: no such section")
+                raise ConfigError(
+                    ".".join(parts[: i + 1]), f"override {brief(item)}: no such section"
+                )
             node = sub
         if not isinstance(node, dict) or parts[-1] not in node:
-            raise ConfigError(key, f"override {item!r}: unknown key")
+            raise ConfigError(key, f"override {brief(item)}: unknown key")
         node[parts[-1]] = value
     return from_dict(cls, full)
 

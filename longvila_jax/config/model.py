@@ -7,7 +7,6 @@ and ``llm/config.json`` with little translation. Instances live in ``configs/mod
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -179,7 +178,7 @@ class ModelConfig:
     def tokens_per_frame(self) -> int:
         """LLM tokens per frame after the projector (196 for SigLIP-384 + 2x2 merge)."""
         m = self.projector.merge
-        return math.ceil(self.vision.patches_per_side / m) ** 2
+        return (-(-self.vision.patches_per_side // m)) ** 2  # exact integer ceil
 
 
 __all__ = [

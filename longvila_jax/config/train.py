@@ -35,6 +35,7 @@ from longvila_jax.config.base import (
 )
 from longvila_jax.config.data import DataConfig
 from longvila_jax.config.model import ModelConfig
+from longvila_jax.core.errors import brief
 
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_\-]*$")
 
@@ -43,8 +44,10 @@ def _check_regexes(patterns: tuple[str, ...], name: str) -> None:
     for i, pat in enumerate(patterns):
         try:
             re.compile(pat)
-        except re.error as e:
-            raise ConfigError(f"{name}[{i}]", f"invalid regex {pat!r}: {e}") from None
+        except (re.error, OverflowError, RecursionError, ValueError) as e:
+            # OverflowError: a{4294967296}; RecursionError: thousands of nested groups.
+            msg = f"invalid regex {brief(pat)}: {type(e).__name__}: {brief(str(e))}"
+            raise ConfigError(f"{name}[{i}]", msg) from None
 
 
 @dataclass(frozen=True)
@@ -231,7 +234,7 @@ class StageConfig:
         check(bool(self.init_from), "init_from", "must be non-empty")
         if self.init_from.startswith("stage:"):
             prev = self.init_from[len("stage:") :]
-            check(bool(_NAME_RE.match(prev)), "init_from", f"bad stage name {prev!r}")
+            check(bool(_NAME_RE.match(prev)), "init_from", f"bad stage name {brief(prev)}")
             check(prev != self.name, "init_from", "a stage cannot start from itself")
         if self.init_from.startswith("hf:"):
             parts = self.init_from[3:].split("|")
@@ -321,7 +324,7 @@ def match_paths(patterns: tuple[str, ...], paths: list[str], field_name: str) ->
         check(
             bool(found),
             f"{field_name}[{i}]",
-            f"regex {pat!r} matches no parameter (paths look like {paths[0]!r})",
+            f"regex {brief(pat)} matches no parameter (paths look like {paths[0]!r})",
         )
         hit |= found
     return hit

@@ -25,12 +25,13 @@ from typing import Any
 
 import yaml
 
-from longvila_jax.core.errors import ConfigError, brief, make_error
+from longvila_jax.core.errors import ConfigError, brief, brief_path, make_error
 from longvila_jax.core.safe_paths import read_regular
 
 MAX_CONFIG_BYTES = 16 << 20
 MAX_DEPTH = 64
 MAX_YAML_NODES = 100_000
+MAX_INT_CHARS = 100  # longest integer literal in YAML (a 64-bit int needs 20 digits)
 
 
 class _Refused(Exception):
@@ -141,10 +142,12 @@ def load_json(
     try:
         value = _json(raw, max_depth)
     except _Refused as e:
-        raise make_error(error, what, f"{path}: {e}") from None
+        raise make_error(error, what, f"{brief_path(path)}: {e}") from None
     if expect is not None and not isinstance(value, expect):
         word = {dict: "object", list: "list"}.get(expect, expect.__name__)
-        raise make_error(error, what, f"{path} must hold a JSON {word}, not {type(value).__name__}")
+        raise make_error(
+            error, what, f"{brief_path(path)} must hold a JSON {word}, not {type(value).__name__}"
+        )
     return value
 
 
@@ -163,6 +166,14 @@ class _Loader(yaml.SafeLoader):
         finally:
             self._level -= 1
 
+    def construct_yaml_int(self, node):
+        # Long literals are refused before conversion: base-60 ints (``1:2:3``) convert in
+        # quadratic time and huge values break every f-string that formats them later.
+        if len(node.value) > MAX_INT_CHARS:
+            line = node.start_mark.line + 1
+            raise _Refused(f"integer literal of {len(node.value)} characters at line {line}")
+        return super().construct_yaml_int(node)
+
     def construct_mapping(self, node, deep=False):
         if isinstance(node, yaml.MappingNode):
             seen = set()
@@ -177,6 +188,9 @@ class _Loader(yaml.SafeLoader):
                         raise _Refused(f"duplicate key {brief(key_node.value)} at line {line}")
                     seen.add(key)
         return super().construct_mapping(node, deep)
+
+
+_Loader.add_constructor("tag:yaml.org,2002:int", _Loader.construct_yaml_int)
 
 
 def _expanded_size(node: yaml.Node, limit: int) -> int:
@@ -216,9 +230,10 @@ def _yaml(text: str | bytes, max_depth: int, max_nodes: int) -> Any:
             text = text.decode("utf-8")
         except UnicodeDecodeError as e:
             raise _Refused(f"not UTF-8 text ({e.reason} at byte {e.start})") from None
-    loader = _Loader(text)
-    loader.max_depth = max_depth
+    loader = None
     try:
+        loader = _Loader(text)  # the reader rejects control characters here already
+        loader.max_depth = max_depth
         node = loader.get_single_node()
         if node is None:
             return None
@@ -235,10 +250,13 @@ def _yaml(text: str | bytes, max_depth: int, max_nodes: int) -> Any:
         raise _Refused(f"invalid YAML: {brief(str(e))}") from None
     except RecursionError:
         raise _Refused(f"YAML nested deeper than {max_depth} levels") from None
-    except (ValueError, TypeError, OverflowError) as e:  # a constructor rejecting a scalar
-        raise _Refused(f"invalid YAML value ({brief(str(e))})") from None
+    except (ValueError, TypeError, OverflowError, KeyError, AttributeError, IndexError) as e:
+        # PyYAML's constructors fail this way on scalars they cannot read (``!!bool maybe``,
+        # ``!!timestamp x``, an int over Python's digit limit).
+        raise _Refused(f"invalid YAML value ({type(e).__name__}: {brief(str(e))})") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
 
 
 def parse_yaml(
@@ -279,7 +297,7 @@ def load_yaml_file(
     try:
         return _yaml(raw, max_depth, max_nodes)
     except _Refused as e:
-        raise make_error(error, what, f"{path}: {e}") from None
+        raise make_error(error, what, f"{brief_path(path)}: {e}") from None
 
 
 __all__ = [

@@ -30,7 +30,7 @@ import stat
 from pathlib import Path
 from typing import BinaryIO
 
-from longvila_jax.core.errors import CheckpointError, brief, make_error
+from longvila_jax.core.errors import CheckpointError, brief, brief_path, make_error
 
 # A plain file name: starts with a letter or digit (no dotfiles, no "..", no "-flag"), then a
 # conservative set; Hugging Face repos use nothing else for the files we copy or write.
@@ -84,6 +84,18 @@ def check_member(
     return rel
 
 
+def _checked_os_path(path: str | os.PathLike, what: str, error: type[Exception]) -> Path:
+    """``path`` if the OS can take it: no NUL byte and encodable (a lone surrogate in a name
+    read from JSON is not), else ``error`` instead of ``ValueError``/``UnicodeEncodeError``."""
+    try:
+        raw = os.fsencode(path)
+    except (UnicodeEncodeError, TypeError):
+        raise make_error(error, what, f"{brief_path(path)} is not a valid path") from None
+    if b"\x00" in raw:
+        raise make_error(error, what, f"{brief_path(path)} is not a valid path (NUL byte)")
+    return Path(path)
+
+
 def _within(path: Path, root: Path) -> bool:
     return path == root or root in path.parents
 
@@ -100,8 +112,11 @@ def _hf_blobs(root_real: Path) -> Path | None:
 def target_allowed(path: Path, root: Path) -> bool:
     """Whether ``path`` (possibly through symlinks) resolves inside ``root`` or, for a hub-cache
     snapshot folder, inside the repository's ``blobs/``."""
-    root_real = Path(os.path.realpath(root))
-    real = Path(os.path.realpath(path))
+    try:
+        root_real = Path(os.path.realpath(root))
+        real = Path(os.path.realpath(path))
+    except (ValueError, OSError):  # a NUL byte, an unencodable name: not a path we follow
+        return False
     if _within(real, root_real):
         return True
     blobs = _hf_blobs(root_real)
@@ -119,7 +134,7 @@ def join_inside(
     while not probe.exists() and probe != root:
         probe = probe.parent
     if not _within(Path(os.path.realpath(probe)), Path(os.path.realpath(root))):
-        raise make_error(error, what, f"{brief(rel)} resolves outside {root}")
+        raise make_error(error, what, f"{brief(rel)} resolves outside {brief_path(root)}")
     return path
 
 
@@ -133,7 +148,7 @@ def resolve_inside(
     root_abs = Path(os.path.abspath(root))
     path = Path(os.path.normpath(root_abs / rel))
     if not _within(path, root_abs) or (path.exists() and not target_allowed(path, root_abs)):
-        raise make_error(error, what, f"{brief(rel)} resolves outside {root}")
+        raise make_error(error, what, f"{brief(rel)} resolves outside {brief_path(root)}")
     return path
 
 
@@ -153,17 +168,20 @@ def open_regular(
     Raises:
       error: missing, not a regular file, unreadable, or a link out of ``root``.
     """
-    path = Path(path)
+    path = _checked_os_path(path, what, error)
     if root is not None and not target_allowed(path, Path(root)):
         raise make_error(
-            error, what, f"{path} is a symlink to a file outside {root}; refusing to read it"
+            error,
+            what,
+            f"{brief_path(path)} is a symlink to a file outside {brief_path(root)}; "
+            "refusing to read it",
         )
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise make_error(error, what, f"{path} does not exist") from None
+    except (FileNotFoundError, NotADirectoryError):
+        raise make_error(error, what, f"{brief_path(path)} does not exist") from None
     except OSError as e:
-        raise make_error(error, what, f"cannot open {path} ({e.strerror})") from None
+        raise make_error(error, what, f"cannot open {brief_path(path)} ({e.strerror})") from None
     try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
@@ -174,7 +192,7 @@ def open_regular(
                 if stat.S_ISDIR(mode)
                 else ("a device or socket")
             )
-            raise make_error(error, what, f"{path} is {kind}, not a regular file")
+            raise make_error(error, what, f"{brief_path(path)} is {kind}, not a regular file")
         flags = fcntl.fcntl(fd, fcntl.F_GETFL)
         fcntl.fcntl(fd, fcntl.F_SETFL, flags & ~os.O_NONBLOCK)
         return os.fdopen(fd, "rb")
@@ -197,11 +215,16 @@ def read_regular(
         size = os.fstat(f.fileno()).st_size
         if max_bytes is not None and size > max_bytes:
             raise make_error(
-                error, what, f"{path} is {size} bytes, over the {max_bytes}-byte limit"
+                error, what, f"{brief_path(path)} is {size} bytes, over the {max_bytes}-byte limit"
             )
-        data = f.read() if max_bytes is None else f.read(max_bytes + 1)
+        try:
+            data = f.read() if max_bytes is None else f.read(max_bytes + 1)
+        except OSError as e:  # e.g. /proc/self/mem: "regular" to fstat, unreadable
+            raise make_error(
+                error, what, f"cannot read {brief_path(path)} ({e.strerror})"
+            ) from None
     if max_bytes is not None and len(data) > max_bytes:  # grew while we read it
-        raise make_error(error, what, f"{path} is over the {max_bytes}-byte limit")
+        raise make_error(error, what, f"{brief_path(path)} is over the {max_bytes}-byte limit")
     return data
 
 
@@ -209,7 +232,7 @@ def is_regular(path: Path, root: Path) -> bool:
     """True for a regular file, or a symlink to one that stays inside ``root`` (no opening)."""
     try:
         st = path.lstat()
-    except OSError:
+    except (OSError, ValueError):
         return False
     if stat.S_ISLNK(st.st_mode):
         if not target_allowed(path, root):
@@ -235,7 +258,9 @@ def copy_file(
         try:
             fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
         except OSError as e:
-            raise make_error(error, what, f"cannot create {dst} ({e.strerror})") from None
+            raise make_error(
+                error, what, f"cannot create {brief_path(dst)} ({e.strerror})"
+            ) from None
         with os.fdopen(fd, "wb") as fout:
             while chunk := fin.read(_COPY_CHUNK):
                 fout.write(chunk)
@@ -268,7 +293,9 @@ def copy_tree(
             copied.append(entry.name)
         else:
             kind = "a symlink" if stat.S_ISLNK(st.st_mode) else "a special file"
-            raise make_error(error, rel, f"{entry} is {kind}; checkpoints hold regular files only")
+            raise make_error(
+                error, rel, f"{brief_path(entry)} is {kind}; checkpoints hold regular files only"
+            )
     return sorted(copied)
 
 
@@ -279,14 +306,21 @@ def prepare_parent(out: str | os.PathLike, what: str, error: type[Exception] = C
         parent.mkdir(parents=True, exist_ok=True)
     except FileExistsError:
         raise make_error(
-            error, what, f"cannot create {out}: {parent} (or a folder above it) is a file"
+            error,
+            what,
+            f"cannot create {brief_path(out)}: {brief_path(parent)} (or a folder above it) "
+            "is a file",
         ) from None
     except NotADirectoryError:
-        raise make_error(error, what, f"cannot create {out}: a folder above it is a file") from None
+        raise make_error(
+            error, what, f"cannot create {brief_path(out)}: a folder above it is a file"
+        ) from None
     except OSError as e:
-        raise make_error(error, what, f"cannot create {out} ({e.strerror})") from None
+        raise make_error(error, what, f"cannot create {brief_path(out)} ({e.strerror})") from None
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise make_error(error, what, f"cannot create {out}: {parent} is not writable")
+        raise make_error(
+            error, what, f"cannot create {brief_path(out)}: {brief_path(parent)} is not writable"
+        )
 
 
 def write_atomic(path: str | os.PathLike, data: bytes) -> None:

@@ -74,13 +74,18 @@ def _check_file(path: Path) -> None:
         raise SampleSkipped("empty_file", str(path))
 
 
+# Frame rates a real video has (time-lapse to high-speed capture); anything else is hostile.
+MIN_FPS, MAX_FPS = 1e-3, 1e4
+
+
 def _probe(container, path: Path, fps_hint: float | None, count_hint: int | None):
     if not container.streams.video:
         raise SampleSkipped("no_video_stream", str(path))
     stream = container.streams.video[0]
     fps = fps_hint if fps_hint is not None else float(stream.average_rate or 0)
-    if not math.isfinite(fps) or fps <= 0:
-        raise SampleSkipped("bad_fps", f"{path}: fps {fps}")
+    if not math.isfinite(fps) or not MIN_FPS <= fps <= MAX_FPS:
+        # 5e-324 or 1e6 from a hostile manifest or container would overflow seek targets.
+        raise SampleSkipped("bad_fps", f"{path}: fps {fps} outside [{MIN_FPS}, {MAX_FPS}]")
     count = count_hint if count_hint is not None else int(stream.frames or 0)
     if count <= 0 and stream.duration and stream.time_base:
         count = int(round(float(stream.duration * stream.time_base) * fps))

@@ -74,9 +74,10 @@ def test_decode_resize_and_hints(tmp_path):
     assert out.shape == (4, 32, 32, 3) and out.dtype == np.uint8
     with pytest.raises(SampleSkipped, match="frame_count_mismatch"):
         decode_video(path, 32, 4, frame_count_hint=200)
-    for bad in (0.0, float("nan")):
+    # 5e-324 and 1e-300 used to overflow the seek target (seek_gap_frames=1 seeks per frame).
+    for bad in (0.0, float("nan"), 5e-324, 1e-300, 1e300):
         with pytest.raises(SampleSkipped, match="bad_fps"):
-            decode_video(path, 32, 4, fps_hint=bad)
+            decode_video(path, 32, 4, fps_hint=bad, seek_gap_frames=1)
 
 
 def test_normalize_matches_siglip_formula():
