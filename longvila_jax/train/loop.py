@@ -167,27 +167,17 @@ def initial_params(cfg: ModelConfig, init_ckpt: Path | None, template, shardings
 
         return jax.jit(make, out_shardings=shardings)()
     from longvila_jax.ckpt import orbax_io
+    from longvila_jax.ckpt.checks import check_stored_params
 
-    stored = orbax_io.stored_tree(init_ckpt)
-    names = set(_flat_names(stored))
-    missing = sorted(set(template.names) - names)
-    if missing:
-        raise ValueError(f"{init_ckpt}: checkpoint lacks parameter {missing[0]}")
-    flat = unnest(orbax_io.load_params(init_ckpt, dtype=cfg.param_dtype, shardings=nest(shardings)))
-    for n in template.names:
-        if tuple(flat[n].shape) != tuple(template.shapes[n].shape):
-            want = template.shapes[n].shape
-            raise ValueError(f"{init_ckpt}: {n} has shape {flat[n].shape}, model wants {want}")
+    # Every stored parameter, its shape and dtype against the model (CheckpointError naming
+    # it); prepare_init has verified the manifest, so the load does not hash the files again.
+    check_stored_params(cfg, orbax_io.stored_tree(init_ckpt), init_ckpt)
+    flat = unnest(
+        orbax_io.load_params(
+            init_ckpt, dtype=cfg.param_dtype, shardings=nest(shardings), verify=False
+        )
+    )
     return {n: flat[n] for n in template.names}
-
-
-def _flat_names(tree, prefix=""):
-    for k, v in tree.items():
-        name = f"{prefix}/{k}" if prefix else k
-        if isinstance(v, dict):
-            yield from _flat_names(v, name)
-        else:
-            yield name
 
 
 def check_resume_config(saved: Any, current: dict, run_dir: Path, step: int) -> None:

@@ -11,7 +11,6 @@ implementation holding the whole model (let alone 2x) would exceed.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -20,22 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 import vila_fixture as vf
-from _xla_env import FAST_COMPILE
-
-ROOT = Path(__file__).resolve().parents[2]
-ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-ENV["XLA_FLAGS"] = FAST_COMPILE
-
-
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "longvila_jax.convert", *map(str, args)],
-        cwd=ROOT,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+from hostile import ENV, ROOT, cli
 
 
 def _files(d: Path) -> dict[str, bytes]:
@@ -45,7 +29,7 @@ def _files(d: Path) -> dict[str, bytes]:
 @pytest.mark.slow
 def test_cli_import_export_round_trip(tmp_path):
     src = vf.build_vila(tmp_path / "vila", vf.Spec(layers=1, v_layers=2))
-    r = _cli(
+    r = cli(
         "import",
         "--vila",
         src,
@@ -58,7 +42,7 @@ def test_cli_import_export_round_trip(tmp_path):
     assert "elapsed" in r.stdout and "peak RSS" in r.stdout and "MiB" in r.stdout
     assert "converting" in r.stderr  # the tqdm progress bar
     assert "token_order: col_major" in (tmp_path / "ckpt" / "model.yaml").read_text()
-    r = _cli("export", "--ckpt", tmp_path / "ckpt", "--out", tmp_path / "out")
+    r = cli("export", "--ckpt", tmp_path / "ckpt", "--out", tmp_path / "out")
     assert r.returncode == 0, r.stderr
     assert "peak RSS" in r.stdout
     assert _files(tmp_path / "out") == _files(src)
@@ -71,7 +55,7 @@ def test_cli_hf_parts_import_and_errors(tmp_path):
     llm.save_pretrained(tmp_path / "llm")
     vf.make_tokenizer(spec.vocab, media=False).save_pretrained(tmp_path / "llm")
     vision.save_pretrained(tmp_path / "siglip")
-    r = _cli(
+    r = cli(
         "import",
         "--llm",
         tmp_path / "llm",
@@ -87,7 +71,7 @@ def test_cli_hf_parts_import_and_errors(tmp_path):
     # Missing tensor: a clear error, exit code 1, nothing written.
     (tmp_path / "siglip" / "model.safetensors").unlink()
     (tmp_path / "siglip" / "pytorch_model.bin").write_bytes(b"\x80\x04K\x01.")
-    r = _cli(
+    r = cli(
         "import",
         "--llm",
         tmp_path / "llm",
@@ -101,7 +85,7 @@ def test_cli_hf_parts_import_and_errors(tmp_path):
     assert r.returncode == 1
     assert "error:" in r.stderr and "pytorch_model.bin" in r.stderr
     assert not (tmp_path / "bad").exists()
-    r = _cli("import", "--vila", tmp_path, "--llm", tmp_path / "llm", "--out", tmp_path / "x")
+    r = cli("import", "--vila", tmp_path, "--llm", tmp_path / "llm", "--out", tmp_path / "x")
     assert r.returncode == 2 and not (tmp_path / "x").exists()
 
 

@@ -9,10 +9,10 @@ still be followed.
 from __future__ import annotations
 
 import os
-import threading
 from pathlib import Path
 
 import pytest
+from _limits import time_limit
 
 from longvila_jax.core.errors import CheckpointError, ConfigError
 from longvila_jax.core.safe_paths import (
@@ -95,31 +95,24 @@ def test_join_inside_refuses_a_symlinked_subfolder(tmp_path):
         join_inside(root, "../elsewhere/x", "f")
 
 
-def _read_in_thread(fn, timeout=10):
-    out: list = []
-
-    def run():
+def _call(fn, seconds: float = 10):
+    """``fn()``'s result or the exception it raised; a block over ``seconds`` fails the test."""
+    with time_limit(seconds):
         try:
-            out.append(fn())
-        except Exception as e:  # noqa: BLE001 - the test inspects it
-            out.append(e)
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    t.join(timeout)
-    assert not t.is_alive(), "blocked on a FIFO"
-    return out[0]
+            return fn()
+        except CheckpointError as e:
+            return e
 
 
 def test_fifo_refused_without_blocking(tmp_path):
     fifo = tmp_path / "model.safetensors"
     os.mkfifo(fifo)
-    err = _read_in_thread(lambda: open_regular(fifo, "weights"))
+    err = _call(lambda: open_regular(fifo, "weights"))
     assert isinstance(err, CheckpointError) and "FIFO" in str(err)
-    err = _read_in_thread(lambda: read_regular(fifo, "weights", max_bytes=10))
+    err = _call(lambda: read_regular(fifo, "weights", max_bytes=10))
     assert isinstance(err, CheckpointError)
     assert not is_regular(fifo, tmp_path)
-    err = _read_in_thread(lambda: copy_file(fifo, tmp_path / "copy", "aux"))
+    err = _call(lambda: copy_file(fifo, tmp_path / "copy", "aux"))
     assert isinstance(err, CheckpointError) and not (tmp_path / "copy").exists()
 
 

@@ -9,14 +9,13 @@ manifest nested 100000 deep (``RecursionError`` at start-up), and manifests that
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
-import signal
 from pathlib import Path
 
 import pytest
+from _limits import time_limit
 
 from longvila_jax.core.errors import InputError
 from longvila_jax.data import sources
@@ -131,20 +130,6 @@ def test_fail_fast_shapes_no_fingerprint(corpus, make_cfg):
     assert next(resumed)["sample_index"].tolist() == want
 
 
-@contextlib.contextmanager
-def _no_hang(seconds: float = 20.0):
-    def on_alarm(signum, frame):
-        raise TimeoutError(f"blocked for {seconds} s")
-
-    old = signal.signal(signal.SIGALRM, on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
-
-
 def test_hostile_manifests_fail_at_start_naming_dataset_and_file(tmp_path):
     deep = tmp_path / "deep.json"
     deep.write_bytes(b"[" * DEEP + b"]" * DEEP)
@@ -156,7 +141,7 @@ def test_hostile_manifests_fail_at_start_naming_dataset_and_file(tmp_path):
         ManifestSource(bad, "b")
     for name in ("fifo.json", "fifo.jsonl", "fifo.arrayrecord"):
         os.mkfifo(tmp_path / name)
-        with _no_hang(), pytest.raises(ManifestError, match=f"{name} is a FIFO"):
+        with time_limit(20), pytest.raises(ManifestError, match=f"{name} is a FIFO"):
             ManifestSource(tmp_path / name, "f")
     with pytest.raises(ManifestError, match="dataset 'x': .*unknown extension '.txt'"):
         ManifestSource(bad.with_suffix(".txt"), "x")

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import traceback
 from collections.abc import Sequence
+
+import _limits
+from _limits import Hang
 
 from longvila_jax.core.errors import ConfigError, InputError
 from longvila_jax.core.safe_load import parse_json
@@ -22,22 +24,11 @@ MAX_MESSAGE_CHARS = 2000
 TIME_LIMIT_S = 20.0
 
 
-class Hang(Exception):
-    """A parser ran past ``TIME_LIMIT_S`` on one small input."""
-
-
 @contextlib.contextmanager
 def time_limit(seconds: float = TIME_LIMIT_S):
-    def on_alarm(signum, frame):
-        raise Hang(f"no result after {seconds} s")
-
-    old = signal.signal(signal.SIGALRM, on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
+    """A parser call on one small input must end within ``seconds`` (``Hang`` otherwise)."""
+    with _limits.time_limit(seconds, Hang):
         yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
 
 
 def raised_at(e: BaseException) -> str:

@@ -32,8 +32,6 @@ import pytest
 from _harness import (
     REPO,
     RESUME_STEPS,
-    Reference,
-    TrainerServer,
     assert_chain_end,
     assert_outputs_valid,
     committed_steps,
@@ -43,7 +41,6 @@ from _harness import (
     report_kills,
     resume_stage,
     run_trainer,
-    shared_reference,
     trainer_cmd,
     trainer_env,
 )
@@ -52,18 +49,6 @@ from longvila_jax.train.loop import EXIT_PREEMPTED
 from longvila_jax.train.metrics import read_metrics
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def reference(corpus, jax_cache) -> Reference:
-    return Reference.load(shared_reference(corpus, jax_cache))
-
-
-@pytest.fixture(scope="module")
-def trainer(jax_cache, tmp_path_factory):
-    server = TrainerServer(jax_cache, tmp_path_factory.mktemp("launches"))
-    yield server
-    server.close()
 
 
 # Each launch is killed at one site; the next launch is the same command. For the final phase,

@@ -45,7 +45,6 @@ from _harness import (
     read_events,
     report_kills,
     resume_stage,
-    shared_reference,
 )
 
 pytestmark = pytest.mark.slow
@@ -54,18 +53,6 @@ SEED = 11  # offsets are drawn from random.Random(SEED)
 RANDOM_KILLS = 20
 MAX_LAUNCHES = 30  # launches that end before their offset are retried with a shorter window
 KINDS = ("final_write", "final_offset")  # offset kinds in turn while final/ is not written
-
-
-@pytest.fixture(scope="module")
-def reference(corpus, jax_cache) -> Reference:
-    return Reference.load(shared_reference(corpus, jax_cache))
-
-
-@pytest.fixture(scope="module")
-def trainer(jax_cache, tmp_path_factory):
-    server = TrainerServer(jax_cache, tmp_path_factory.mktemp("launches"))
-    yield server
-    server.close()
 
 
 class _FinalChain:
@@ -99,7 +86,8 @@ class _FinalChain:
         self.launched = True
         r = self.trainer.run(self.cfg, kill=kill)
         if r.returncode == 0 and kill is not None and kill.startswith("final_offset="):
-            assert fired_kill(r.stderr) is None
+            # The phase ended first. (A timer that fires while the interpreter is exiting may
+            # still print its "SIGKILL at" line before the exit wins; the kill did not land.)
             return False
         assert r.returncode == (-signal.SIGKILL if kill else 0), (r.returncode, r.stderr[-4000:])
         if kill:

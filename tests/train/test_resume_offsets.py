@@ -31,7 +31,6 @@ from _harness import (
     read_events,
     report_kills,
     resume_stage,
-    shared_reference,
 )
 
 from longvila_jax.train.checkpoint import CORRUPT_DIR
@@ -42,18 +41,6 @@ pytestmark = pytest.mark.slow
 SEED = 5  # offsets are drawn from random.Random(SEED)
 RANDOM_KILLS = 20
 MAX_LAUNCHES = 32  # kills that land after the commit are retried with a shorter window
-
-
-@pytest.fixture(scope="module")
-def reference(corpus, jax_cache) -> Reference:
-    return Reference.load(shared_reference(corpus, jax_cache))
-
-
-@pytest.fixture(scope="module")
-def trainer(jax_cache, tmp_path_factory):
-    server = TrainerServer(jax_cache, tmp_path_factory.mktemp("launches"))
-    yield server
-    server.close()
 
 
 def _save_window_s(run: Path) -> float:
