@@ -112,6 +112,16 @@ def _corrupt_json(name: str):
     return run
 
 
+def _hostile_manifest(text: str):
+    """Replaces the manifest with hostile JSON (it used to raise RecursionError on resume)."""
+
+    def run(step_dir: Path) -> str:
+        (step_dir / MANIFEST_FILE).write_text(text)
+        return MANIFEST_FILE
+
+    return run
+
+
 CORRUPTIONS = {
     "flip_array_byte": flip_array_byte,
     "truncate_array": _truncate,
@@ -121,6 +131,8 @@ CORRUPTIONS = {
     "corrupt_iter_state_json": _corrupt_json("data_iter/process_0-of-1.json"),
     "corrupt_array_metadata_json": _corrupt_json("state/_METADATA"),
     "corrupt_manifest_json": _corrupt_json(MANIFEST_FILE),
+    "nested_manifest": _hostile_manifest("[" * 100_000 + "]" * 100_000),
+    "manifest_duplicate_keys": _hostile_manifest('{"files": {}, "files": {}}'),
 }
 
 
