@@ -10,9 +10,6 @@
   shapes of the stored arrays (Orbax metadata, nothing is read) before anything is loaded,
   so a config that disagrees with its weights fails naming the parameter and both shapes
   instead of deep inside jax (or not at all).
-- **Source folders**: the files a third-party loader (the tokenizer) opens by itself must be
-  regular files inside the source tree: a FIFO would hang it, a link out of the tree would
-  read a host file.
 """
 
 from __future__ import annotations
@@ -20,9 +17,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import stat
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -33,7 +28,6 @@ from longvila_jax.ckpt import mapping
 from longvila_jax.ckpt.safetensors_io import DTYPE_NAMES
 from longvila_jax.config.model import ModelConfig
 from longvila_jax.core.errors import CheckpointError, brief
-from longvila_jax.core.safe_paths import target_allowed
 
 log = logging.getLogger(__name__)
 
@@ -168,38 +162,10 @@ def check_stored_params(cfg: ModelConfig, tree: Mapping, where: str | os.PathLik
             )
 
 
-def check_source_dir(directory: str | os.PathLike, root: str | os.PathLike) -> None:
-    """Refuses a folder that a third-party loader will read by itself (the tokenizer) when it
-    holds a FIFO, device or socket, or a symlink out of ``root`` (hub-cache blobs excepted).
-
-    Raises:
-      CheckpointError: naming the entry.
-    """
-    directory, root = Path(directory), Path(root)
-    try:
-        entries = sorted(directory.iterdir())
-    except OSError as e:
-        raise CheckpointError(f"{directory}: cannot list the folder ({e.strerror})") from None
-    for p in entries:
-        st = p.lstat()
-        if stat.S_ISLNK(st.st_mode):
-            if not target_allowed(p, root):
-                raise CheckpointError(
-                    f"{p}: a symlink to a file outside {root}; refusing to read it"
-                )
-            try:
-                st = p.stat()
-            except OSError:
-                continue  # dangling inside the tree: a loader that opens it gets an error
-        if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
-            raise CheckpointError(f"{p}: not a regular file (a FIFO, device or socket)")
-
-
 __all__ = [
     "FLOAT_CODES",
     "check_finite",
     "check_finite_tree",
-    "check_source_dir",
     "check_stored_params",
     "count_nonfinite",
     "is_float_dtype",

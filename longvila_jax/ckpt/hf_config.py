@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from longvila_jax.ckpt.checks import check_source_dir
 from longvila_jax.ckpt.config_checks import (
     IMAGE_TOKEN,
     check_shapes,
@@ -41,7 +40,7 @@ from longvila_jax.config.base import ConfigError, apply_overrides
 from longvila_jax.config.model import ModelConfig
 from longvila_jax.core.errors import brief
 from longvila_jax.core.safe_load import MAX_CONFIG_BYTES, parse_json
-from longvila_jax.core.safe_paths import read_regular
+from longvila_jax.core.safe_paths import check_folder, read_regular
 
 COMPONENTS = ("llm", "vision_tower", "mm_projector")
 
@@ -96,7 +95,7 @@ def load_tokenizer_dir(directory: Path, root: str | os.PathLike | None = None):
     """
     from transformers import AutoTokenizer
 
-    check_source_dir(directory, root if root is not None else directory)
+    check_folder(directory, root if root is not None else directory, "tokenizer")
     try:
         return AutoTokenizer.from_pretrained(
             str(directory), local_files_only=True, trust_remote_code=False

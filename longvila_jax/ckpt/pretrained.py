@@ -26,6 +26,7 @@ from longvila_jax.ckpt import checks, hf_config, integrity, orbax_io
 from longvila_jax.ckpt.safetensors_io import WeightSet
 from longvila_jax.config.model import ModelConfig
 from longvila_jax.core.errors import CheckpointError
+from longvila_jax.core.safe_paths import check_folder
 
 
 def _is_vila(path: Path) -> bool:
@@ -186,7 +187,7 @@ def tokenizer_dir(path: str | Path) -> Path:
         integrity.verify_files(path, f"{orbax_io.HF_DIR}/llm")
         return path / orbax_io.HF_DIR / "llm"
     folder = path / "llm" if _is_vila(path) else path
-    checks.check_source_dir(folder, path)
+    check_folder(folder, path, "tokenizer")
     return folder
 
 

@@ -74,8 +74,7 @@ def config_edits(source: Mapping, cfg: ModelConfig) -> dict[tuple[str, str], obj
                 raise ConfigError(
                     f"{section}.{key}",
                     f"changed from {brief(old)} to {brief(value)} since import; the recorded "
-                    "VILA layout "
-                    "cannot express this change",
+                    "VILA layout cannot express this change",
                 )
             edits[(section, key)] = value
     return edits

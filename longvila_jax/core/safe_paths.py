@@ -244,6 +244,40 @@ def is_regular(path: Path, root: Path) -> bool:
     return stat.S_ISREG(st.st_mode)
 
 
+def check_folder(
+    directory: str | os.PathLike,
+    root: str | os.PathLike,
+    what: str,
+    error: type[Exception] = CheckpointError,
+) -> None:
+    """Refuses a folder that a third-party loader (a tokenizer) will read by itself when it
+    holds a FIFO, device or socket, or a symlink out of ``root`` (hub-cache blobs excepted):
+    the loader would hang, or read a host file.
+
+    Raises:
+      error: naming the entry.
+    """
+    directory, root = Path(directory), Path(root)
+    try:
+        entries = sorted(directory.iterdir())
+    except OSError as e:
+        msg = f"cannot list {brief_path(directory)} ({e.strerror})"
+        raise make_error(error, what, msg) from None
+    for p in entries:
+        st = p.lstat()
+        if stat.S_ISLNK(st.st_mode):
+            if not target_allowed(p, root):
+                msg = f"{brief_path(p)} is a symlink to a file outside {brief_path(root)}"
+                raise make_error(error, what, f"{msg}; refusing to read it")
+            try:
+                st = p.stat()
+            except OSError:
+                continue  # dangling inside the tree: a loader that opens it gets an error
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+            msg = f"{brief_path(p)} is not a regular file (a FIFO, device or socket)"
+            raise make_error(error, what, msg)
+
+
 def copy_file(
     src: str | os.PathLike,
     dst: str | os.PathLike,
@@ -343,6 +377,7 @@ def write_atomic(path: str | os.PathLike, data: bytes) -> None:
 __all__ = [
     "MAX_NAME",
     "MAX_REL_DEPTH",
+    "check_folder",
     "check_member",
     "check_name",
     "check_relpath",

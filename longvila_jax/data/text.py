@@ -19,6 +19,7 @@ import numpy as np
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from longvila_jax.core.errors import ConfigError, brief
+from longvila_jax.core.safe_paths import check_folder
 from longvila_jax.data.skips import SampleSkipped
 
 IMAGE_TOKEN = "<image>"
@@ -76,6 +77,7 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     path = Path(path)
     if not path.is_dir():
         raise ConfigError("tokenizer_dir", f"{path} is not a directory")
+    check_folder(path, path, "tokenizer_dir", ConfigError)  # no FIFO, no link out of it
     try:
         tok = AutoTokenizer.from_pretrained(
             str(path), local_files_only=True, trust_remote_code=False

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 
 import numpy as np
 import pytest
+from _limits import time_limit
 
+from longvila_jax.core.errors import ConfigError
 from longvila_jax.data import text as T
 from longvila_jax.data.synthetic import SPECIAL_TOKENS
 
@@ -29,6 +33,21 @@ def test_tokenizer_special_tokens(tokenizer, corpus):
 def test_load_tokenizer_rejects_missing_dir(tmp_path):
     with pytest.raises(ValueError, match="not a directory"):
         T.load_tokenizer(tmp_path / "nope")
+
+
+def test_load_tokenizer_refuses_fifos_and_links_out(corpus, tmp_path):
+    # transformers would block forever on a FIFO tokenizer.json, or read a host file.
+    d = tmp_path / "tok"
+    shutil.copytree(corpus / "tokenizer", d)
+    (d / "tokenizer.json").unlink()
+    os.mkfifo(d / "tokenizer.json")
+    with time_limit(20), pytest.raises(ConfigError, match="tokenizer_dir: .*FIFO"):
+        T.load_tokenizer(d)
+    (d / "tokenizer.json").unlink()
+    (tmp_path / "host.json").write_text((corpus / "tokenizer" / "tokenizer.json").read_text())
+    (d / "tokenizer.json").symlink_to(tmp_path / "host.json")
+    with pytest.raises(ConfigError, match="symlink to a file outside"):
+        T.load_tokenizer(d)
 
 
 def test_media_prompt_layout():
