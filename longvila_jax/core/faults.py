@@ -1,10 +1,13 @@
-"""Named kill points for the kill-and-resume tests; inert unless a test arms one.
+"""Named kill and stall points for the fault tests; inert unless a test arms one.
 
 ``LONGVILA_TEST_KILL=<site>@<n>`` arms one point: the process SIGKILLs itself when it reaches
 ``hit(site, n)`` (sites that know their training step pass it), or, for sites that pass no
 step, the ``n``-th time it reaches ``hit(site)`` (1-based, counted per process). The training
 loop's save-window sites (``train.checkpoint.KillSwitch``) use the same variable. Unset, or set
 to a site nobody calls, this module does nothing; no library code path depends on it.
+
+``LONGVILA_TEST_STALL=<site>:<text>`` makes ``stall(site, key)`` block forever when ``text``
+occurs in ``key``: a decoder that hangs on one file, for the decode sandbox's timeout test.
 """
 
 from __future__ import annotations
@@ -13,8 +16,10 @@ import collections
 import os
 import signal
 import sys
+import time
 
 KILL_ENV = "LONGVILA_TEST_KILL"
+STALL_ENV = "LONGVILA_TEST_STALL"
 _counts: collections.Counter[str] = collections.Counter()
 
 
@@ -47,4 +52,13 @@ def hit(site: str, step: int | None = None) -> None:
         die(f"{site}@{step}")
 
 
-__all__ = ["KILL_ENV", "armed", "die", "hit"]
+def stall(site: str, key: str) -> None:
+    """A stall point: blocks this thread forever if ``site`` is armed for a ``key`` containing
+    the armed text (the caller's watchdog must kill the process)."""
+    armed_site, sep, text = os.environ.get(STALL_ENV, "").partition(":")
+    if sep and armed_site == site and text and text in key:
+        while True:
+            time.sleep(3600)
+
+
+__all__ = ["KILL_ENV", "STALL_ENV", "armed", "die", "hit", "stall"]

@@ -24,6 +24,8 @@ import av
 import numpy as np
 from av.video.reformatter import VideoReformatter
 
+from longvila_jax.core import faults
+from longvila_jax.core.errors import brief_path
 from longvila_jax.data.skips import SampleSkipped
 
 
@@ -69,8 +71,11 @@ def _check_file(path: Path) -> None:
         st = path.stat()
     except FileNotFoundError:
         raise SampleSkipped("missing_file", str(path)) from None
-    # Only regular files can be judged by size; pipes and devices go to the (sandboxed) decoder.
-    if stat.S_ISREG(st.st_mode) and st.st_size == 0:
+    except (OSError, ValueError) as e:  # a name too long, a NUL byte
+        raise SampleSkipped("missing_file", f"{brief_path(path)}: {e}") from None
+    if not stat.S_ISREG(st.st_mode):  # FFmpeg would block on a FIFO, even outside the sandbox
+        raise SampleSkipped("not_regular_file", f"{path} is not a regular file")
+    if st.st_size == 0:
         raise SampleSkipped("empty_file", str(path))
 
 
@@ -199,6 +204,7 @@ def decode_video(
     """
     path = Path(path)
     _check_file(path)
+    faults.stall("decode", str(path))  # tests: a decoder that hangs on this file
     try:
         container = av.open(str(path), "r")
     except (av.FFmpegError, OSError, UnicodeDecodeError) as e:

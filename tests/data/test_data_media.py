@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import struct
 import time
 import zlib
 
 import numpy as np
 import pytest
+from _limits import time_limit
 from PIL import Image
 
+from longvila_jax.core.faults import STALL_ENV
 from longvila_jax.data import glyphs
 from longvila_jax.data.image import load_image, normalize
 from longvila_jax.data.sandbox import DecodeSandbox
@@ -137,18 +140,19 @@ def test_corrupt_image(tmp_path):
 
 
 @pytest.mark.slow
-def test_sandbox_timeout_kills_and_recovers(tmp_path):
+def test_sandbox_timeout_kills_and_recovers(tmp_path, monkeypatch):
     path = tmp_path / "v.mp4"
     _numbered_video(path, n=12)
-    fifo = tmp_path / "hang.mp4"
-    os.mkfifo(fifo)  # opening it blocks forever: a decoder that hangs
+    hang = tmp_path / "hang.mp4"
+    shutil.copyfile(path, hang)
+    monkeypatch.setenv(STALL_ENV, "decode:hang.mp4")  # the child's decoder hangs on this file
     sb = DecodeSandbox(timeout_s=2.0)
     try:
         ref = sb.decode(path=str(path), size=32, num_frames=4)
         pid = sb.pid
         t = time.perf_counter()
         with pytest.raises(SampleSkipped, match="decode_timeout"):
-            sb.decode(path=str(fifo), size=32, num_frames=4)
+            sb.decode(path=str(hang), size=32, num_frames=4)
         assert 1.9 < time.perf_counter() - t < 4.0
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)  # the hung child is gone
@@ -192,14 +196,15 @@ def test_two_digit_needles_hold_out_their_secrets(tmp_path):
 
 
 @pytest.mark.slow
-def test_sandbox_child_death_is_a_crash_skip(tmp_path):
+def test_sandbox_child_death_is_a_crash_skip(tmp_path, monkeypatch):
     import signal
     import threading
 
     path = tmp_path / "v.mp4"
     _numbered_video(path, n=12)
-    fifo = tmp_path / "hang.mp4"
-    os.mkfifo(fifo)
+    hang = tmp_path / "hang.mp4"
+    shutil.copyfile(path, hang)
+    monkeypatch.setenv(STALL_ENV, "decode:hang.mp4")  # the child is busy when it is killed
     sb = DecodeSandbox(timeout_s=20.0)
     try:
         ref = sb.decode(path=str(path), size=32, num_frames=4)
@@ -207,11 +212,18 @@ def test_sandbox_child_death_is_a_crash_skip(tmp_path):
         threading.Timer(0.5, os.kill, (sb.pid, signal.SIGKILL)).start()
         t = time.perf_counter()
         with pytest.raises(SampleSkipped, match="decoder_crash.*-9"):
-            sb.decode(path=str(fifo), size=32, num_frames=4)
+            sb.decode(path=str(hang), size=32, num_frames=4)
         assert time.perf_counter() - t < 10.0
         np.testing.assert_array_equal(sb.decode(path=str(path), size=32, num_frames=4), ref)
     finally:
         sb.close()
+
+
+def test_video_that_is_a_fifo_is_skipped_without_blocking(tmp_path):
+    fifo = tmp_path / "v.mp4"
+    os.mkfifo(fifo)
+    with time_limit(20), pytest.raises(SampleSkipped, match="not_regular_file"):
+        decode_video(fifo, 32, 4)  # in this process: no sandbox to time it out
 
 
 def test_image_that_is_a_fifo_is_skipped_without_blocking(tmp_path):
