@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from longvila_jax.models.attention import MASK_VALUE
+from longvila_jax.core.attention import MASK_VALUE
 from longvila_jax.parallel.ring import block_backward, block_forward
 
 RESULTS = Path(__file__).resolve().parent / "results"

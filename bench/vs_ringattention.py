@@ -51,7 +51,7 @@ if not hasattr(jax.lib, "xla_bridge"):  # shim for ringattention 0.1.2's import-
 
 import ringattention  # noqa: E402
 
-from longvila_jax.models.attention import dense_attention  # noqa: E402
+from longvila_jax.core.attention import dense_attention  # noqa: E402
 from longvila_jax.parallel.attention import make_mmsp_attention  # noqa: E402
 from longvila_jax.parallel.layouts import zigzag_2d_permutation  # noqa: E402
 from longvila_jax.parallel.mesh import MeshConfig, make_mesh  # noqa: E402

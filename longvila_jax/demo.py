@@ -97,8 +97,8 @@ class _Clock:
 
 
 def _heldout(model, stage5, clock: _Clock, label: str) -> dict:
-    from longvila_jax.config.train import data_config
     from longvila_jax.eval.heldout import heldout_accuracy, with_dataset
+    from longvila_jax.train.resolve import data_config
 
     data = with_dataset(data_config(stage5), "needle_eval", "needle_eval.jsonl")
     res = heldout_accuracy(model, data, "needle_eval")
@@ -146,13 +146,13 @@ def run(
     from longvila_jax.ckpt.pretrained import load_pretrained, load_tokenizer
     from longvila_jax.ckpt.vila_import import import_vila
     from longvila_jax.config import ConfigError
-    from longvila_jax.config.train import data_config
     from longvila_jax.data import synthetic
     from longvila_jax.eval.needles import numbers_from_manifest
     from longvila_jax.eval.vniah import demo_vniah
     from longvila_jax.parallel.mesh import load_mesh_config, make_mesh
     from longvila_jax.train.loop import EXIT_OK, run_stage
     from longvila_jax.train.plot import loss_drop, plot
+    from longvila_jax.train.resolve import data_config
 
     clock = _Clock()
     out = Path(out).resolve()

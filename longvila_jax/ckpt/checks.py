@@ -27,6 +27,7 @@ import numpy as np
 from longvila_jax.ckpt import mapping
 from longvila_jax.ckpt.safetensors_io import DTYPE_NAMES
 from longvila_jax.config.model import ModelConfig
+from longvila_jax.core import trees
 from longvila_jax.core.errors import CheckpointError, brief
 
 log = logging.getLogger(__name__)
@@ -102,20 +103,9 @@ def check_finite_tree(tree: Mapping, where: str | os.PathLike, *, allow: bool = 
       CheckpointError: naming the first leaf (``a/b/c``) holding NaN or Inf, unless ``allow``.
     """
     flags = jax.device_get(_tree_finite()(tree))
-    for path, ok in sorted(_flat(flags).items()):
+    for path, ok in sorted(trees.flatten(flags).items()):
         if not bool(ok):
             _nonfinite(f"{where}: parameter {'/'.join(path)}", "holds NaN or Inf values", allow)
-
-
-def _flat(tree: Mapping, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
-    out = {}
-    for key, value in tree.items():
-        path = (*prefix, str(key))
-        if isinstance(value, Mapping):
-            out.update(_flat(value, path))
-        else:
-            out[path] = value
-    return out
 
 
 def check_stored_params(cfg: ModelConfig, tree: Mapping, where: str | os.PathLike) -> None:
@@ -138,7 +128,7 @@ def check_stored_params(cfg: ModelConfig, tree: Mapping, where: str | os.PathLik
     for attr, component in _COMPONENT_OF.items():
         want = mapping.param_shapes(cfg, component)
         sub = tree[attr]
-        got = _flat(sub) if isinstance(sub, Mapping) else {(): sub}
+        got = trees.flatten(sub) if isinstance(sub, Mapping) else {(): sub}
         for path, shape in want.items():
             name = "/".join((attr, *path))
             if path not in got:

@@ -25,13 +25,13 @@ from longvila_jax.ckpt.vila_import import (
     component_record,
     copy_aux_files,
     dump_json,
-    flat_items,
     hf_shape,
     plan_component,
     source_config,
     write_params,
 )
 from longvila_jax.config.model import ModelConfig
+from longvila_jax.core import trees
 from longvila_jax.core.safe_paths import copy_file, is_regular
 
 
@@ -106,7 +106,7 @@ def import_hf_parts(
     plans = {c: plan_component(cfg, c, weights[c]) for c in ("llm", "vision_tower")}
     with nnx.use_eager_sharding(False):
         projector = Projector(cfg, rngs=nnx.Rngs(seed))
-    flat = dict(flat_items(nnx.to_pure_dict(nnx.state(projector))))
+    flat = trees.flatten(nnx.to_pure_dict(nnx.state(projector)))
     del projector
     pdtype = DTYPE_NAMES[np.dtype(cfg.param_dtype)]
     specs = []

@@ -28,6 +28,7 @@ from longvila_jax.ckpt.mappings import llm as llm_map
 from longvila_jax.ckpt.mappings import projector as proj_map
 from longvila_jax.ckpt.mappings import siglip as siglip_map
 from longvila_jax.config.model import ModelConfig
+from longvila_jax.core import trees
 
 Component = Literal["llm", "vision_tower", "mm_projector"]
 COMPONENTS: tuple[str, ...] = ("llm", "vision_tower", "mm_projector")
@@ -109,17 +110,6 @@ def _build(cfg: ModelConfig, component: str) -> nnx.Module:
     return cls(cfg, rngs=nnx.Rngs(0))
 
 
-def _flatten(tree: Mapping, prefix: Path = ()) -> dict[Path, object]:
-    out: dict[Path, object] = {}
-    for key, value in tree.items():
-        path = (*prefix, str(key))
-        if isinstance(value, Mapping):
-            out.update(_flatten(value, path))
-        else:
-            out[path] = value
-    return out
-
-
 @functools.lru_cache(maxsize=32)
 def param_shapes(cfg: ModelConfig, component: str) -> Mapping[Path, tuple[int, ...]]:
     """Parameter path -> shape of the configured component, from an abstract model (no memory).
@@ -128,7 +118,7 @@ def param_shapes(cfg: ModelConfig, component: str) -> Mapping[Path, tuple[int, .
     """
     _check_component(component)
     abstract = nnx.eval_shape(lambda: _build(cfg, component))
-    flat = _flatten(nnx.to_pure_dict(nnx.state(abstract)))
+    flat = trees.flatten(nnx.to_pure_dict(nnx.state(abstract)))
     return types.MappingProxyType({p: tuple(v.shape) for p, v in flat.items()})
 
 
@@ -320,7 +310,7 @@ def export_state_dict(
     """
     module = _component_module(model, component)
     cfg: ModelConfig = module.cfg
-    flat = _flatten(nnx.to_pure_dict(nnx.state(module)))
+    flat = trees.flatten(nnx.to_pure_dict(nnx.state(module)))
     out: dict[str, np.ndarray] = {}
     for name, path, layer, rule in _param_names(cfg, component, siglip_prefix):
         value = np.asarray(flat[path])

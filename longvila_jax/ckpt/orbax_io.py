@@ -38,7 +38,7 @@ from longvila_jax.ckpt import provenance
 from longvila_jax.ckpt.checks import check_stored_params
 from longvila_jax.config.base import load_config, save_yaml
 from longvila_jax.config.model import ModelConfig
-from longvila_jax.core import faults
+from longvila_jax.core import faults, trees
 from longvila_jax.core.errors import CheckpointError, brief
 from longvila_jax.core.manifest import MANIFEST_FILE, verify_dir, write_manifest
 from longvila_jax.core.safe_paths import copy_tree, prepare_parent
@@ -121,12 +121,6 @@ def release_freed_memory() -> None:
     """Returns freed heap pages to the OS (glibc keeps them otherwise, inflating peak RSS)."""
     with contextlib.suppress(OSError, AttributeError):  # not glibc
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
-def _nest(path: tuple[str, ...], value: Any) -> dict:
-    for key in reversed(path):
-        value = {key: value}
-    return value
 
 
 class ParamWriter:
@@ -229,14 +223,6 @@ def stored_tree(ckpt: str | Path) -> dict:
         ) from None
 
 
-def _leaves(tree: Mapping, prefix: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], Any]]:
-    for k, v in tree.items():
-        if isinstance(v, Mapping):
-            yield from _leaves(v, (*prefix, k))
-        else:
-            yield (*prefix, k), v
-
-
 def load_leaves(
     ckpt: str | Path, component: str, paths: list[tuple[str, ...]], tree: Mapping | None = None
 ) -> dict[tuple[str, ...], np.ndarray]:
@@ -256,7 +242,7 @@ def load_leaves(
     def target(p, spec):
         return np.empty(spec[0], spec[1]) if p in wanted else ocp.PLACEHOLDER
 
-    out = _load(ckpt, _map_with_path(tree, target))
+    out = _load(ckpt, trees.map_with_path(tree, target))
     result = {}
     for p in paths:
         node = out[ATTR[component]]
@@ -264,13 +250,6 @@ def load_leaves(
             node = node[key]
         result[p] = node
     return result
-
-
-def _map_with_path(tree: Mapping, fn, prefix: tuple[str, ...] = ()) -> dict:
-    return {
-        k: _map_with_path(v, fn, (*prefix, k)) if isinstance(v, Mapping) else fn((*prefix, k), v)
-        for k, v in tree.items()
-    }
 
 
 def load_params(
@@ -310,7 +289,7 @@ def _restore(ckpt: str | Path, tree: Mapping, dtype: str | None, shardings: Any)
                 sh = sh[k]
         return jax.ShapeDtypeStruct(spec[0], np.dtype(dtype) if dtype else spec[1], sharding=sh)
 
-    return _load(ckpt, _map_with_path(tree, target))
+    return _load(ckpt, trees.map_with_path(tree, target))
 
 
 # What Orbax/tensorstore raise on malformed (not merely missing) checkpoint files.
@@ -360,7 +339,7 @@ def save_checkpoint(
         writer = ParamWriter(tmp)
         inv = {v: k for k, v in ATTR.items()}
         for attr, sub in params.items():
-            for path, value in _leaves(sub):
+            for path, value in trees.leaves(sub):
                 writer.save(inv[attr], path, np.asarray(value))
         writer.finalize()
 

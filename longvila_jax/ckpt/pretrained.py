@@ -25,6 +25,7 @@ import numpy as np
 from longvila_jax.ckpt import checks, hf_config, integrity, orbax_io
 from longvila_jax.ckpt.safetensors_io import WeightSet
 from longvila_jax.config.model import ModelConfig
+from longvila_jax.core import trees
 from longvila_jax.core.errors import CheckpointError
 from longvila_jax.core.safe_paths import check_folder
 
@@ -40,16 +41,6 @@ def _with_dtype(cfg: ModelConfig, dtype: Any) -> ModelConfig:
         return cfg
     name = np.dtype(dtype).name
     return dataclasses.replace(cfg, param_dtype=name, compute_dtype=name)
-
-
-def _nest(items) -> dict:
-    out: dict = {}
-    for path, value in items:
-        node = out
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        node[path[-1]] = value
-    return out
 
 
 def read_vila_params(
@@ -88,7 +79,7 @@ def read_vila_params(
     for comp in hf_config.COMPONENTS:
         plan = plan_component(cfg, comp, weights[comp])
         leaves = iter_leaves(cfg, plan, dtype=pdtype, allow_nonfinite=allow_nonfinite)
-        params[orbax_io.ATTR[comp]] = _nest((p, jnp.asarray(v)) for p, v in leaves)
+        params[orbax_io.ATTR[comp]] = trees.unflatten((p, jnp.asarray(v)) for p, v in leaves)
     return cfg, params
 
 
@@ -132,7 +123,7 @@ def load_pretrained(
         ``mm_projector/``) or a project checkpoint (``longvila_jax.convert import`` output).
       dtype: parameter and compute dtype (e.g. ``"float32"``, ``jnp.bfloat16``); None keeps
         the config's.
-      attn_fn: LLM attention kernel (``models.attention.AttentionFn``); None = dense.
+      attn_fn: LLM attention kernel (``core.attention.AttentionFn``); None = dense.
       overrides: dotted ``ModelConfig`` overrides (``projector.token_order=col_major``).
       allow_nonfinite: accept NaN/Inf weights with a logged warning instead of refusing them.
 

@@ -46,6 +46,7 @@ from longvila_jax.ckpt.safetensors_writer import PlanWriter
 from longvila_jax.ckpt.vila_import import COMPONENTS, EXPORTABLE
 from longvila_jax.config.base import ConfigError, to_dict
 from longvila_jax.config.model import ModelConfig
+from longvila_jax.core import trees
 from longvila_jax.core.errors import brief
 from longvila_jax.core.safe_load import load_json
 from longvila_jax.core.safe_paths import copy_tree
@@ -178,7 +179,7 @@ def _write_leaf(writer, cfg, comp, rec, path, shape, leaf, dtypes, out) -> None:
 def _groups(tree: Mapping, group_bytes: int):
     """Leaves of ``tree`` in runs of about ``group_bytes`` (one Orbax load each)."""
     group, size = [], 0
-    for path, spec in _leaves(tree):
+    for path, spec in trees.leaves(tree):
         group.append((path, spec))
         size += int(np.prod(spec[0])) * spec[1].itemsize
         if size >= group_bytes:
@@ -186,14 +187,6 @@ def _groups(tree: Mapping, group_bytes: int):
             group, size = [], 0
     if group:
         yield group
-
-
-def _leaves(tree: Mapping, prefix: tuple[str, ...] = ()):
-    for k, v in tree.items():
-        if isinstance(v, Mapping):
-            yield from _leaves(v, (*prefix, k))
-        else:
-            yield (*prefix, k), v
 
 
 def check_layout(cfg: ModelConfig, comp: str, rec: Mapping, where: str) -> None:

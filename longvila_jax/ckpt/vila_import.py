@@ -362,22 +362,6 @@ def import_vila(
     return cfg
 
 
-def flat_items(tree: dict, prefix: tuple[str, ...] = ()):
-    """Yields (path, leaf) of a nested dict."""
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            yield from flat_items(v, (*prefix, str(k)))
-        else:
-            yield (*prefix, str(k)), v
-
-
 def dump_json(path: Path, data: dict) -> None:
     """Writes JSON the way HF ``save_pretrained`` does (indent 2, sorted keys, newline)."""
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-
-
-def import_hf_parts(*args, **kwargs) -> ModelConfig:
-    """Plain HF LLM + SigLIP + a new projector; see ``hf_parts_import.import_hf_parts``."""
-    from longvila_jax.ckpt.hf_parts_import import import_hf_parts as run
-
-    return run(*args, **kwargs)

@@ -25,9 +25,9 @@ from typing import Any
 import grain
 import numpy as np
 
+from longvila_jax.core.labels import IGNORE_INDEX
 from longvila_jax.data.image import normalize
 from longvila_jax.data.skips import SkipCounter, is_skip
-from longvila_jax.data.text import IGNORE_INDEX
 
 
 @dataclasses.dataclass(frozen=True)

@@ -23,7 +23,6 @@ from longvila_jax.core.safe_paths import check_folder
 from longvila_jax.data.skips import SampleSkipped
 
 IMAGE_TOKEN = "<image>"
-IGNORE_INDEX = -100
 
 QWEN2_SYSTEM = "You are a helpful assistant"
 LLAMA3_SYSTEM = (
@@ -185,7 +184,6 @@ def encode_document(tok: PreTrainedTokenizerBase, text: str) -> Encoded:
 
 __all__ = [
     "END_TOKENS",
-    "IGNORE_INDEX",
     "IMAGE_TOKEN",
     "LLAMA3_SYSTEM",
     "QWEN2_SYSTEM",

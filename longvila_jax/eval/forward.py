@@ -29,8 +29,8 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from longvila_jax.core.attention import dense_attention
 from longvila_jax.data.image import normalize
-from longvila_jax.models.attention import dense_attention
 from longvila_jax.parallel.layouts import apply_layout, inverse_permutation, zigzag_2d_permutation
 
 

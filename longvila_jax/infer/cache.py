@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from longvila_jax.parallel import axes as ax
+from longvila_jax.core import axes as ax
 
 
 class KVCache(NamedTuple):

@@ -25,8 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from longvila_jax.core.attention import AttentionFn
 from longvila_jax.infer.cache import KVCache, SeqMesh, cache_from_prefill
-from longvila_jax.models.attention import AttentionFn
 from longvila_jax.models.llm import rope_tables
 from longvila_jax.models.vlm import expand_inputs
 from longvila_jax.parallel.layouts import apply_layout, inverse_permutation, zigzag_2d_permutation

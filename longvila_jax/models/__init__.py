@@ -1,6 +1,6 @@
 """Flax NNX model: SigLIP vision tower, VILA projectors, Llama/Qwen2 LLM and the LongVILA VLM."""
 
-from longvila_jax.models.attention import AttentionFn, dense_attention
+from longvila_jax.core.attention import AttentionFn, dense_attention
 from longvila_jax.models.llm import LLM
 from longvila_jax.models.projector import Projector
 from longvila_jax.models.vision import VisionTower

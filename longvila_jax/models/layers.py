@@ -1,7 +1,7 @@
 """Hand-written NNX building blocks shared by the vision tower, projector and LLM.
 
 Every parameter is an ``nnx.Param`` carrying ``logical_axes`` metadata (names from
-``longvila_jax.parallel.axes``) so the sharding code can place it without knowing the model. The
+``longvila_jax.core.axes``) so the sharding code can place it without knowing the model. The
 dtype policy is uniform: parameters are stored in ``param_dtype``, matmuls run in
 ``compute_dtype``, and normalisation statistics are computed in fp32 (HF does the same).
 
@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from longvila_jax.parallel.axes import LAYERS, NORM
+from longvila_jax.core.axes import LAYERS, NORM
 
 Axes = tuple[str | None, ...]
 

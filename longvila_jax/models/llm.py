@@ -21,9 +21,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from longvila_jax.config.model import LLMConfig, ModelConfig
-from longvila_jax.models.attention import AttentionFn, dense_attention
+from longvila_jax.core.attention import AttentionFn, dense_attention
+from longvila_jax.core.axes import EMBED, HEADS, KV_HEADS, MLP, VOCAB
 from longvila_jax.models.layers import Dense, Embed, RMSNorm, scan_layers, stack_layers
-from longvila_jax.parallel.axes import EMBED, HEADS, KV_HEADS, MLP, VOCAB
 
 
 def rope_tables(

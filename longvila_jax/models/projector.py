@@ -24,8 +24,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from longvila_jax.config.model import ModelConfig
+from longvila_jax.core.axes import EMBED, MLP, PROJ_IN, VISION_MLP
 from longvila_jax.models.layers import Dense, LayerNorm
-from longvila_jax.parallel.axes import EMBED, MLP, PROJ_IN, VISION_MLP
 
 
 def merge_patches(x: jax.Array, m: int, token_order: str) -> jax.Array:

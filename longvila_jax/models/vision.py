@@ -19,15 +19,15 @@ from flax import nnx
 
 from longvila_jax.config.base import ConfigError
 from longvila_jax.config.model import ModelConfig, VisionConfig
-from longvila_jax.models.attention import AttentionFn, dense_attention
-from longvila_jax.models.layers import Dense, Embed, LayerNorm, gelu, scan_layers, stack_layers
-from longvila_jax.parallel.axes import (
+from longvila_jax.core.attention import AttentionFn, dense_attention
+from longvila_jax.core.axes import (
     CONV,
     PATCHES,
     VISION_EMBED,
     VISION_HEADS,
     VISION_MLP,
 )
+from longvila_jax.models.layers import Dense, Embed, LayerNorm, gelu, scan_layers, stack_layers
 
 
 class PatchEmbedding(nnx.Module):

@@ -23,7 +23,7 @@ import numpy as np
 from flax import nnx
 
 from longvila_jax.config.model import ModelConfig
-from longvila_jax.models.attention import AttentionFn, dense_attention
+from longvila_jax.core.attention import AttentionFn, dense_attention
 from longvila_jax.models.llm import LLM
 from longvila_jax.models.projector import Projector
 from longvila_jax.models.vision import VisionTower

@@ -1,8 +1,8 @@
 """Sequence parallelism: device meshes, Ulysses all-to-all, zigzag ring attention, 2D layouts and
 the MM-SP model sharding.
 
-Public names are imported lazily (model code imports ``parallel.axes`` without pulling in the
-kernels).
+Public names are imported lazily (importing ``longvila_jax.parallel.mesh`` does not pull in
+the kernels). The axis names live in the leaf layer, ``longvila_jax.core.axes``.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ import numpy as np
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from longvila_jax.models.attention import AttentionFn
+from longvila_jax.core.attention import AttentionFn
 from longvila_jax.parallel.layouts import apply_layout, undo_layout, zigzag_2d_permutation
 from longvila_jax.parallel.ring import ring_attention_local
 from longvila_jax.parallel.ulysses import (

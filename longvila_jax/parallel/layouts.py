@@ -19,7 +19,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-IGNORE_INDEX = -100
+from longvila_jax.core.labels import IGNORE_INDEX
 
 
 def zigzag_2d_permutation(seq_len: int, ring: int, ulysses: int) -> np.ndarray:
@@ -166,3 +166,48 @@ def simulate_zigzag_schedule(perm: np.ndarray, ring: int, ulysses: int) -> set[t
 def dense_causal_pairs(seq_len: int) -> set[tuple[int, int]]:
     """All (q, k) pairs with k <= q: what a correct layout + schedule must compute."""
     return {(a, b) for a in range(seq_len) for b in range(a + 1)}
+
+
+def packed_splice_indices(
+    batch: Mapping[str, np.ndarray], image_token_id: int, tokens_per_frame: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Where the packed rows' text tokens and visual tokens go in the expanded layout (host side).
+
+    The data pipeline packs unexpanded ids (one ``<image>`` per frame) plus, for every text
+    token, its expanded position (``text_to_expanded``); this fills the expanded rows: the text
+    ids at their positions, and at the ``tokens_per_frame`` positions after each ``<image>``
+    the index of the visual token that belongs there. (``models.vlm.expand_inputs`` does the
+    same for unpacked prompts at inference.)
+
+    Args:
+      batch: pipeline batch (``data.pipeline`` layout): ``input_ids`` [B, T],
+        ``text_to_expanded`` [B, T], ``frames`` [B, F, ...], ``segment_ids`` [B, L].
+      image_token_id: the data tokenizer's ``<image>`` id.
+      tokens_per_frame: visual tokens per frame.
+
+    Returns:
+      text_ids [B, L] int32 (0 at visual and pad positions) and visual_index [B, L] int32: index
+      into the row's own [F * tokens_per_frame] visual tokens, -1 for text. Indices are local to
+      the row so that rows can be sharded over devices and hosts freely.
+    """
+    ids = np.asarray(batch["input_ids"])
+    dst = np.asarray(batch["text_to_expanded"])
+    b, t = ids.shape
+    length = batch["segment_ids"].shape[1]
+    n_frames = batch["frames"].shape[1]
+    text_ids = np.zeros((b, length), np.int32)
+    visual = np.full((b, length), -1, np.int32)
+    is_img = ids == image_token_id
+    offs = np.arange(tokens_per_frame, dtype=np.int32)
+    for r in range(b):
+        real = dst[r] < length
+        txt = real & ~is_img[r]
+        text_ids[r, dst[r, txt]] = ids[r, txt]
+        cols = np.flatnonzero(real & is_img[r])
+        if cols.size > n_frames:
+            raise ValueError(f"row {r}: {cols.size} <image> tokens but only {n_frames} frame slots")
+        if cols.size:
+            slots = (dst[r, cols][:, None] + offs).reshape(-1)
+            frame = np.arange(cols.size)[:, None] * tokens_per_frame + offs
+            visual[r, slots] = frame.reshape(-1)
+    return text_ids, visual

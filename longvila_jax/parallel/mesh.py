@@ -2,7 +2,7 @@
 
 A mesh file (``configs/mesh/*.yaml``) gives the sizes of the axes ``data``, ``fsdp``, ``ring``
 and ``ulysses`` (one may be -1: filled from the device count) and two rules tables mapping
-logical axis names (``parallel/axes.py``) to mesh axes, one for activations and one for
+logical axis names (``core/axes.py``) to mesh axes, one for activations and one for
 parameters. ``validate_mesh`` checks everything that can be wrong before any compilation and
 raises ``ConfigError`` naming the field. ``make_mesh`` orders devices so that ``ulysses`` groups
 stay inside one process (host) and ``ring`` spans processes.
@@ -21,7 +21,7 @@ from jax.sharding import AxisType, Mesh
 from jax.sharding import PartitionSpec as P
 
 from longvila_jax.config.base import check, load_config
-from longvila_jax.parallel import axes as ax
+from longvila_jax.core import axes as ax
 
 
 def _default_activation_rules() -> dict[str, tuple[str, ...]]:

@@ -20,8 +20,8 @@ The training objective of sequence-parallel stages (longvila.md §5, parallelism
    and the supervised-token count over the batch and sequence axes. ``loss`` returns both sums;
    the train step divides them (global token mean).
 
-:class:`MMSPObjective` adapts the plan to the trainer's ``train.objective.Objective`` protocol
-(``to_device`` / ``shardings`` / ``loss``); :func:`make_mmsp_objective` is its factory.
+``train.objective.MMSPObjective`` adapts the plan to the trainer's ``Objective`` protocol
+(``to_device`` / ``shardings`` / ``loss``).
 """
 
 from __future__ import annotations
@@ -36,10 +36,9 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from longvila_jax.config.base import check
 from longvila_jax.parallel.attention import make_mmsp_attention
 from longvila_jax.parallel.host_shards import DataShard, data_shard
-from longvila_jax.parallel.layouts import zigzag_2d_permutation
+from longvila_jax.parallel.layouts import packed_splice_indices, zigzag_2d_permutation
 from longvila_jax.parallel.mmsp_routing import RoutingGeometry, routing_tables
 
 _SEQ_KEYS = ("text_ids", "positions", "segment_ids", "labels")
@@ -152,8 +151,6 @@ class MMSPPlan:
           ValueError: shapes that do not match the plan, frames that are not a prefix of the
             row's slots, rows not divisible into micro-batches and batch shards.
         """
-        from longvila_jax.train.objective import expanded_inputs
-
         seg = np.asarray(batch["segment_ids"])
         rows, length = seg.shape
         if length != self.seq_len:
@@ -163,7 +160,7 @@ class MMSPPlan:
         frames = np.asarray(batch["frames"]) if self.frame_slots else None
         if frames is not None and frames.shape[1] != self.frame_slots:
             raise ValueError(f"frames: {frames.shape[1]} slots != plan {self.frame_slots}")
-        text_ids, visual = expanded_inputs(batch, self.image_token_id, self.tpf)
+        text_ids, visual = packed_splice_indices(batch, self.image_token_id, self.tpf)
         out: dict[str, list[np.ndarray]] = {}
         b = rows // self.accum
         geo = self.geometry(b)
@@ -183,7 +180,7 @@ class MMSPPlan:
         return {k: np.stack(v) for k, v in out.items()}
 
     def _visual_arrays(self, geo, batch, visual, frames, row0) -> dict[str, np.ndarray]:
-        # ``expanded_inputs`` indexes every row's own visual tokens (frame j, token t ->
+        # ``packed_splice_indices`` indexes every row's own visual tokens (frame j, token t ->
         # j * tpf + t), which is exactly the per-row rank ``routing_tables`` expects; an offset
         # by the row's position in the batch would turn the visual tokens of every row but the
         # first into negative ranks, silently embedded as text.
@@ -332,43 +329,4 @@ class MMSPPlan:
         return self.ce_sums(model, h, micro["labels"])
 
 
-class MMSPObjective(MMSPPlan):
-    """The trainer's ``Objective`` for sequence-parallel stages (``stage.objective: mmsp``).
-
-    Args:
-      resolved: the resolved stage (model, data, mesh configs).
-      mesh: the device mesh.
-      image_token_id: the data tokenizer's ``<image>`` id.
-    """
-
-    def __init__(self, resolved: Any, mesh: Mesh, image_token_id: int):
-        rules = resolved.mesh.activation_rules
-        check(
-            tuple(rules.get("seq", ())) == ("ring", "ulysses"),
-            "activation_rules.seq",
-            f"MM-SP needs the sequence sharded over [ring, ulysses], got {rules.get('seq')}",
-        )
-        check(
-            tuple(rules.get("frames", ("ring", "ulysses"))) == ("ring", "ulysses"),
-            "activation_rules.frames",
-            f"MM-SP spreads frames over [ring, ulysses] (stage 1), got {rules.get('frames')}",
-        )
-        super().__init__(
-            mesh,
-            seq_len=resolved.data.row_length,
-            frame_slots=resolved.data.max_frames_per_row,
-            tokens_per_frame=resolved.model.tokens_per_frame,
-            image_token_id=image_token_id,
-            batch_axes=tuple(rules.get("batch", ())),
-            grad_accum=resolved.stage.optim.grad_accum,
-        )
-
-
-def make_mmsp_objective(resolved: Any, mesh: Mesh) -> MMSPObjective:
-    """Factory for ``train.objective.OBJECTIVES["mmsp"]``."""
-    from longvila_jax.train.objective import image_token_id_of
-
-    return MMSPObjective(resolved, mesh, image_token_id_of(resolved))
-
-
-__all__ = ["MMSPObjective", "MMSPPlan", "make_mmsp_objective"]
+__all__ = ["MMSPPlan"]

@@ -40,7 +40,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from longvila_jax.models.attention import MASK_VALUE
+from longvila_jax.core.attention import MASK_VALUE
 from longvila_jax.parallel.ring_kernels import (
     block_backward,
     block_forward,

@@ -27,7 +27,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from longvila_jax.models.attention import MASK_VALUE
+from longvila_jax.core.attention import MASK_VALUE
 
 
 def varying(x: jax.Array, ref: jax.Array) -> jax.Array:
@@ -57,7 +57,7 @@ def heads_t(x: jax.Array) -> jax.Array:
 
 def _visible(q_seg, k_seg, q_pos, k_pos, causal: bool, kv_major: bool) -> jax.Array:
     """Visibility [b, tq, tk] (or [b, tk, tq] when ``kv_major``): same non-zero segment and,
-    when causal, kv position <= q position (``models.attention.attention_mask`` semantics)."""
+    when causal, kv position <= q position (``core.attention.attention_mask`` semantics)."""
     if kv_major:
         qs, ks, qp, kp = q_seg[:, None, :], k_seg[:, :, None], q_pos[:, None, :], k_pos[:, :, None]
     else:

@@ -32,15 +32,7 @@ from flax import nnx
 
 from longvila_jax.config.base import ConfigError, save_yaml
 from longvila_jax.config.model import ModelConfig
-from longvila_jax.config.train import (
-    RESUME_MUTABLE,
-    ResolvedStage,
-    StageConfig,
-    fingerprint_diff,
-    match_paths,
-    resolve_stage,
-    stage_fingerprint,
-)
+from longvila_jax.config.train import StageConfig
 from longvila_jax.train import finish, multihost
 from longvila_jax.train.checkpoint import (
     Checkpointer,
@@ -48,10 +40,12 @@ from longvila_jax.train.checkpoint import (
     KillSwitch,
     NonFiniteState,
 )
+from longvila_jax.train.fingerprint import check_resume_config, stage_fingerprint
 from longvila_jax.train.finish import FINAL_DIR, VILA_DIR, barrier, write_final
 from longvila_jax.train.metrics import MetricsWriter, batch_fingerprint, float_bits, sample_ids
 from longvila_jax.train.objective import OBJECTIVES
 from longvila_jax.train.optim import make_optimizer, make_schedule
+from longvila_jax.train.resolve import ResolvedStage, match_paths, resolve_stage
 from longvila_jax.train.state import (
     ModelTemplate,
     create_state,
@@ -178,29 +172,6 @@ def initial_params(cfg: ModelConfig, init_ckpt: Path | None, template, shardings
         )
     )
     return {n: flat[n] for n in template.names}
-
-
-def check_resume_config(saved: Any, current: dict, run_dir: Path, step: int) -> None:
-    """Refuses to resume ``run_dir`` with a stage config other than the checkpoint's.
-
-    Args:
-      saved: the ``stage`` fingerprint stored in checkpoint ``step``'s meta.
-      current: ``stage_fingerprint`` of the config being run.
-
-    Raises:
-      ConfigError: naming the first differing field (and listing the others), with both values.
-    """
-    diff = fingerprint_diff(saved, current)
-    if not diff:
-        return
-    field, old, new = diff[0]
-    others = f"; also differs: {', '.join(d[0] for d in diff[1:])}" if len(diff) > 1 else ""
-    raise ConfigError(
-        field,
-        f"{run_dir}: checkpoint {step} was written with {field} = {old!r}, the config now has "
-        f"{new!r}{others}. A run directory resumes only with the stage config that wrote it "
-        f"(free to change: {', '.join(RESUME_MUTABLE)}); use a new run_dir instead.",
-    )
 
 
 class _Preemption:
@@ -430,7 +401,6 @@ __all__ = [
     "EXIT_NONFINITE",
     "EXIT_OK",
     "EXIT_PREEMPTED",
-    "check_resume_config",
     "init_source",
     "initial_params",
     "prepare_init",

@@ -22,10 +22,12 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from longvila_jax.config.train import ResolvedStage
+from longvila_jax.config.base import check
+from longvila_jax.data.text import image_token_id, load_tokenizer
 from longvila_jax.parallel.host_shards import data_shard
-
-IGNORE_INDEX = -100
+from longvila_jax.parallel.layouts import packed_splice_indices
+from longvila_jax.parallel.mmsp import MMSPPlan
+from longvila_jax.train.resolve import ResolvedStage
 
 
 class Objective(Protocol):
@@ -42,45 +44,6 @@ class Objective(Protocol):
     def loss(self, model: Any, micro: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
         """(sum of CE over supervised tokens, number of supervised tokens), traced."""
         ...
-
-
-def expanded_inputs(
-    batch: Mapping[str, np.ndarray], image_token_id: int, tokens_per_frame: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Text ids and visual indices of the packed rows in the expanded layout (host side).
-
-    Args:
-      batch: pipeline batch (``data.pipeline`` layout): ``input_ids`` [B, T],
-        ``text_to_expanded`` [B, T], ``frames`` [B, F, ...], ``segment_ids`` [B, L].
-      image_token_id: the data tokenizer's ``<image>`` id.
-      tokens_per_frame: visual tokens per frame.
-
-    Returns:
-      text_ids [B, L] int32 (0 at visual and pad positions) and visual_index [B, L] int32: index
-      into the row's own [F * tokens_per_frame] visual tokens, -1 for text. Indices are local to
-      the row so that rows can be sharded over devices and hosts freely.
-    """
-    ids = np.asarray(batch["input_ids"])
-    dst = np.asarray(batch["text_to_expanded"])
-    b, t = ids.shape
-    length = batch["segment_ids"].shape[1]
-    n_frames = batch["frames"].shape[1]
-    text_ids = np.zeros((b, length), np.int32)
-    visual = np.full((b, length), -1, np.int32)
-    is_img = ids == image_token_id
-    offs = np.arange(tokens_per_frame, dtype=np.int32)
-    for r in range(b):
-        real = dst[r] < length
-        txt = real & ~is_img[r]
-        text_ids[r, dst[r, txt]] = ids[r, txt]
-        cols = np.flatnonzero(real & is_img[r])
-        if cols.size > n_frames:
-            raise ValueError(f"row {r}: {cols.size} <image> tokens but only {n_frames} frame slots")
-        if cols.size:
-            slots = (dst[r, cols][:, None] + offs).reshape(-1)
-            frame = np.arange(cols.size)[:, None] * tokens_per_frame + offs
-            visual[r, slots] = frame.reshape(-1)
-    return text_ids, visual
 
 
 class DenseObjective:
@@ -107,7 +70,7 @@ class DenseObjective:
 
     def host_arrays(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """This host's batch as the numpy arrays ``loss`` reads, reshaped [A, b, ...]."""
-        text_ids, visual = expanded_inputs(batch, self.image_token_id, self.tpf)
+        text_ids, visual = packed_splice_indices(batch, self.image_token_id, self.tpf)
         if text_ids.size and int(text_ids.max()) >= self.vocab_size:
             # jnp.take would clamp silently: a tokenizer/model mismatch must fail loudly.
             r, c = np.argwhere(text_ids >= self.vocab_size)[0]
@@ -188,8 +151,6 @@ def token_ce_sum(
 
 def image_token_id_of(resolved: ResolvedStage) -> int:
     """The ``<image>`` id of the stage's data tokenizer."""
-    from longvila_jax.data.text import image_token_id, load_tokenizer
-
     d = resolved.data
     tok = Path(d.tokenizer_dir)
     tok = tok if tok.is_absolute() else Path(d.root) / tok
@@ -200,24 +161,55 @@ def make_dense_objective(resolved: ResolvedStage, mesh: Mesh) -> DenseObjective:
     return DenseObjective(resolved, mesh, image_token_id_of(resolved))
 
 
-# name -> factory(resolved, mesh); StageConfig.objective picks one (MM-SP registers "mmsp").
-def _make_mmsp_objective(resolved: ResolvedStage, mesh: Mesh) -> Objective:
-    # Imported on use: parallel.mmsp itself imports helpers from this module.
-    from longvila_jax.parallel.mmsp import make_mmsp_objective
+class MMSPObjective(MMSPPlan):
+    """The trainer's ``Objective`` for sequence-parallel stages (``stage.objective: mmsp``).
 
-    return make_mmsp_objective(resolved, mesh)
+    Args:
+      resolved: the resolved stage (model, data, mesh configs).
+      mesh: the device mesh.
+      image_token_id: the data tokenizer's ``<image>`` id.
+    """
+
+    def __init__(self, resolved: ResolvedStage, mesh: Mesh, image_token_id: int):
+        rules = resolved.mesh.activation_rules
+        check(
+            tuple(rules.get("seq", ())) == ("ring", "ulysses"),
+            "activation_rules.seq",
+            f"MM-SP needs the sequence sharded over [ring, ulysses], got {rules.get('seq')}",
+        )
+        check(
+            tuple(rules.get("frames", ("ring", "ulysses"))) == ("ring", "ulysses"),
+            "activation_rules.frames",
+            f"MM-SP spreads frames over [ring, ulysses] (stage 1), got {rules.get('frames')}",
+        )
+        super().__init__(
+            mesh,
+            seq_len=resolved.data.row_length,
+            frame_slots=resolved.data.max_frames_per_row,
+            tokens_per_frame=resolved.model.tokens_per_frame,
+            image_token_id=image_token_id,
+            batch_axes=tuple(rules.get("batch", ())),
+            grad_accum=resolved.stage.optim.grad_accum,
+        )
 
 
+def make_mmsp_objective(resolved: ResolvedStage, mesh: Mesh) -> MMSPObjective:
+    """Factory of ``OBJECTIVES["mmsp"]``."""
+    return MMSPObjective(resolved, mesh, image_token_id_of(resolved))
+
+
+# name -> factory(resolved, mesh); ``StageConfig.objective`` picks one.
 OBJECTIVES: dict[str, Callable[[ResolvedStage, Mesh], Objective]] = {
     "dense": make_dense_objective,
-    "mmsp": _make_mmsp_objective,
+    "mmsp": make_mmsp_objective,
 }
 
 __all__ = [
     "OBJECTIVES",
     "DenseObjective",
     "Objective",
-    "expanded_inputs",
+    "MMSPObjective",
+    "make_mmsp_objective",
     "image_token_id_of",
     "make_dense_objective",
     "token_ce_sum",

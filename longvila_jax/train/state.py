@@ -31,6 +31,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from longvila_jax.config.model import ModelConfig
+from longvila_jax.core import trees
 
 Flat = dict[str, Any]
 
@@ -68,7 +69,7 @@ class ModelTemplate:
       graphdef: NNX graph definition (static).
       names: parameter paths in pytree-leaf order.
       shapes: path -> ShapeDtypeStruct.
-      logical_axes: path -> logical axis names (``parallel.axes``), or None.
+      logical_axes: path -> logical axis names (``core.axes``), or None.
     """
 
     cfg: ModelConfig
@@ -144,27 +145,13 @@ def flatten_model(model) -> Flat:
 
 
 def nest(flat: Mapping[str, Any]) -> dict:
-    """{'a/b/c': x} -> {'a': {'b': {'c': x}}}."""
-    out: dict = {}
-    for name, value in flat.items():
-        node = out
-        *head, last = name.split("/")
-        for k in head:
-            node = node.setdefault(k, {})
-        node[last] = value
-    return out
+    """{'a/b/c': x} -> {'a': {'b': {'c': x}}} (``core.trees.from_names``)."""
+    return trees.from_names(flat)
 
 
-def unnest(tree: Mapping, prefix: str = "") -> Flat:
-    """Inverse of :func:`nest` (a leaf is anything that is not a Mapping)."""
-    out: Flat = {}
-    for k, v in tree.items():
-        name = f"{prefix}/{k}" if prefix else str(k)
-        if isinstance(v, Mapping):
-            out.update(unnest(v, name))
-        else:
-            out[name] = v
-    return out
+def unnest(tree: Mapping) -> Flat:
+    """Inverse of :func:`nest` (``core.trees.to_names``; a leaf is anything not a Mapping)."""
+    return trees.to_names(tree)
 
 
 def unnest_lora(tree: Mapping) -> dict[str, dict[str, Any]]:

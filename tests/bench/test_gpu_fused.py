@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from longvila_jax.models.attention import dense_attention
+from longvila_jax.core.attention import dense_attention
 
 SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "gpu_fused.py"
 

@@ -21,8 +21,9 @@ from jax._src import monitoring
 from longvila_jax.config.base import ConfigError, load_config
 from longvila_jax.config.data import DataConfig
 from longvila_jax.config.model import ModelConfig
-from longvila_jax.config.train import load_stage, resolve_stage
+from longvila_jax.config.train import load_stage
 from longvila_jax.parallel.mesh import load_mesh_config
+from longvila_jax.train.resolve import resolve_stage
 
 ROOT = Path(__file__).resolve().parents[2]
 STAGES = sorted((ROOT / "configs/stages").glob("*.yaml"))

@@ -14,6 +14,7 @@ from _eval_models import ROOT, make_model
 from _xla_env import FAST_COMPILE
 from flax import nnx
 
+from longvila_jax.core import trees
 from longvila_jax.eval.cli import parse_numbers, videomme_main, vniah_main
 
 
@@ -31,14 +32,6 @@ def _run(args: list[str], *, devices: bool = True, timeout: int = 300):
     )
 
 
-def _leaves(tree, prefix=()):
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            yield from _leaves(v, (*prefix, k))
-        else:
-            yield (*prefix, k), v
-
-
 def save_checkpoint(model, out: Path) -> Path:
     """A project checkpoint (``ckpt.orbax_io`` layout) of an in-memory model."""
     from longvila_jax.ckpt import orbax_io
@@ -48,7 +41,7 @@ def save_checkpoint(model, out: Path) -> Path:
         orbax_io.write_metadata(tmp, model.cfg, {"source": {"layout": "random"}})
         writer = orbax_io.ParamWriter(tmp)
         for attr, sub in nnx.to_pure_dict(nnx.state(model)).items():
-            for path, value in _leaves(sub):
+            for path, value in trees.leaves(sub):
                 writer.save(inv[attr], path, np.asarray(value))
         writer.finalize()
     return out

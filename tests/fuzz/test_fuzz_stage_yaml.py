@@ -21,16 +21,9 @@ from _texts import yaml_inputs
 from hypothesis import given
 from hypothesis import strategies as st
 
-from longvila_jax.config.train import (
-    LoraConfig,
-    OptimConfig,
-    RopeConfig,
-    StageConfig,
-    data_config,
-    load_stage,
-    model_config,
-    stage_fingerprint,
-)
+from longvila_jax.config.train import LoraConfig, OptimConfig, RopeConfig, StageConfig, load_stage
+from longvila_jax.train.fingerprint import stage_fingerprint
+from longvila_jax.train.resolve import data_config, model_config
 
 REPO = Path(__file__).resolve().parents[2]
 STAGES = [f"demo_s{i}.yaml" for i in range(1, 6)] + ["s5_long_sft_256f.yaml"]

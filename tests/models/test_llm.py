@@ -18,10 +18,10 @@ from flax import nnx
 
 from longvila_jax.ckpt import mapping
 from longvila_jax.config.model import LLMConfig, ModelConfig, RopeScaling
-from longvila_jax.models.attention import dense_attention
+from longvila_jax.core.attention import dense_attention
+from longvila_jax.core.axes import LAYERS
 from longvila_jax.models.layers import REMAT_POLICIES
 from longvila_jax.models.llm import LLM
-from longvila_jax.parallel.axes import LAYERS
 
 V = 96
 

@@ -26,6 +26,7 @@ from reference.torch_projector import TorchProjector
 
 from longvila_jax.ckpt import mapping
 from longvila_jax.config import ModelConfig, load_config
+from longvila_jax.core import trees
 from longvila_jax.models.vlm import LongVILA
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "model"
@@ -49,12 +50,7 @@ PUBLISHED = {
 
 
 def count(tree) -> int:
-    return sum(math.prod(x.shape) for x in _leaves(tree))
-
-
-def _leaves(tree):
-    for v in tree.values():
-        yield from _leaves(v) if isinstance(v, dict) else [v]
+    return sum(math.prod(x.shape) for _, x in trees.leaves(tree))
 
 
 def hf_reference(cfg: ModelConfig, component: str) -> torch.nn.Module:

@@ -15,8 +15,8 @@ from flax import nnx
 
 from longvila_jax.ckpt import mapping
 from longvila_jax.config.model import ModelConfig, VisionConfig
+from longvila_jax.core.axes import LAYERS
 from longvila_jax.models.vision import VisionTower
-from longvila_jax.parallel.axes import LAYERS
 
 LAYERS_TOTAL = 3
 

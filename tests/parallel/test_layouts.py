@@ -7,8 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from longvila_jax.core.labels import IGNORE_INDEX
 from longvila_jax.parallel.layouts import (
-    IGNORE_INDEX,
     apply_layout,
     dense_causal_pairs,
     inverse_permutation,

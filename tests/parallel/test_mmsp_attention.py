@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from _mmsp_cases import fast_jit, max_abs, max_rel, packed_inputs
 
-from longvila_jax.models.attention import dense_attention
+from longvila_jax.core.attention import dense_attention
 from longvila_jax.parallel import ring as ring_mod
 from longvila_jax.parallel.attention import make_mmsp_attention, mmsp_attention
 from longvila_jax.parallel.layouts import apply_layout, undo_layout, zigzag_2d_permutation

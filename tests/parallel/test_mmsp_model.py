@@ -24,12 +24,13 @@ from flax import nnx
 
 from longvila_jax.config.base import load_config
 from longvila_jax.config.model import ModelConfig
+from longvila_jax.core.labels import IGNORE_INDEX
 from longvila_jax.models.vlm import LongVILA
-from longvila_jax.parallel.layouts import IGNORE_INDEX
+from longvila_jax.parallel.layouts import packed_splice_indices
 from longvila_jax.parallel.mesh import MeshConfig, load_mesh_config, make_mesh
 from longvila_jax.parallel.mmsp import MMSPPlan
 from longvila_jax.parallel.mmsp_routing import RoutingGeometry, frame_owners, routing_tables
-from longvila_jax.train.objective import expanded_inputs, token_ce_sum
+from longvila_jax.train.objective import token_ce_sum
 from longvila_jax.train.state import ModelTemplate, flatten_model
 
 REPO = Path(__file__).resolve().parents[2]
@@ -94,7 +95,7 @@ def packed_batch(tpf: int, image_size: int, seed: int = 0) -> dict[str, np.ndarr
             pos[r, start:e] = np.arange(e - start)
         assert e <= L and t <= t_max
     # Globally shifted labels: labels[p] = text id at p + 1 when that token is supervised.
-    text_ids, visual = expanded_inputs(
+    text_ids, visual = packed_splice_indices(
         {"input_ids": ids, "text_to_expanded": t2e, "segment_ids": seg, "frames": frames},
         IMG,
         tpf,
@@ -124,8 +125,8 @@ def packed_batch(tpf: int, image_size: int, seed: int = 0) -> dict[str, np.ndarr
 
 def reference(template: ModelTemplate, flat, batch, tpf):
     """Single-device loss and gradients: dense attention, natural order, all logits at once."""
-    text_ids, visual = expanded_inputs(batch, IMG, tpf)
-    # expanded_inputs indexes each row's own visual tokens; the flat [B * F * tpf] tokens of
+    text_ids, visual = packed_splice_indices(batch, IMG, tpf)
+    # packed_splice_indices indexes each row's own visual tokens; the flat [B * F * tpf] tokens of
     # every row are indexed globally here.
     frame_slots = batch["frames"].shape[1]
     offset = np.arange(visual.shape[0])[:, None] * frame_slots * tpf
@@ -311,7 +312,7 @@ def _simulate_delivery(rank, n_frames, frame_slots, tpf, ring, uly, groups):
 def test_routing_tables_deliver_every_visual_token(ring, uly, groups):
     tpf = tiny_cfg().tokens_per_frame
     batch = packed_batch(tpf, 8)
-    _, rank = expanded_inputs(batch, IMG, tpf)  # row-local visual indices = per-row ranks
+    _, rank = packed_splice_indices(batch, IMG, tpf)  # row-local visual indices = per-row ranks
     assert all((rank[r] >= 0).any() for r in (0, 1, 2, 3))
     geo, t = _simulate_delivery(rank, batch["frame_mask"].sum(1), F_SLOTS, tpf, ring, uly, groups)
     assert (t["send1"] >= 0).sum(-1).max() <= geo.cap1
@@ -341,7 +342,7 @@ def test_host_arrays_deliver_every_row_of_every_micro_batch(name, accum):
         grad_accum=accum,
     )
     arrays = plan.host_arrays(batch)
-    text_ids, visual = expanded_inputs(batch, IMG, tpf)
+    text_ids, visual = packed_splice_indices(batch, IMG, tpf)
     b = b_all // accum
     geo = plan.geometry(b)
     sp, fpd, bl, n_loc = plan.sp, geo.frames_per_device, geo.rows_per_group, L // plan.sp

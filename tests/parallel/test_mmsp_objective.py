@@ -17,12 +17,12 @@ from _stages import video_stage_dict
 from flax import nnx
 
 from longvila_jax.config.base import from_dict
-from longvila_jax.config.train import StageConfig, resolve_stage
+from longvila_jax.config.train import StageConfig
 from longvila_jax.data.pipeline import DataIterator
 from longvila_jax.models.vlm import LongVILA
 from longvila_jax.parallel.mesh import make_mesh
-from longvila_jax.parallel.mmsp import MMSPObjective, make_mmsp_objective
-from longvila_jax.train.objective import make_dense_objective
+from longvila_jax.train.objective import MMSPObjective, make_dense_objective, make_mmsp_objective
+from longvila_jax.train.resolve import resolve_stage
 from longvila_jax.train.state import ModelTemplate, flatten_model
 
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}

@@ -17,7 +17,7 @@ from _mmsp_cases import max_abs, max_rel, packed_inputs
 from _mp_worker import HKV, B, D, H, T, run
 from _xla_env import jax_env
 
-from longvila_jax.models.attention import dense_attention
+from longvila_jax.core.attention import dense_attention
 from longvila_jax.parallel.mesh import MeshConfig, make_mesh
 
 WORKER = Path(__file__).resolve().parent / "_mp_worker.py"

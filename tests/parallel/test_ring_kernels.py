@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from _mmsp_cases import fast_jit, max_abs, max_rel, packed_inputs
 
-from longvila_jax.models.attention import dense_attention_with_lse
+from longvila_jax.core.attention import dense_attention_with_lse
 from longvila_jax.parallel.ring_kernels import block_backward, block_forward
 
 T, H, HKV, D = 32, 8, 2, 8

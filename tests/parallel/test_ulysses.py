@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from _mmsp_cases import fast_jit, max_abs, max_rel, packed_inputs
 
-from longvila_jax.models.attention import dense_attention
+from longvila_jax.core.attention import dense_attention
 from longvila_jax.parallel.attention import mmsp_attention
 from longvila_jax.parallel.mesh import MeshConfig, make_mesh
 from longvila_jax.parallel.ulysses import kv_replication

@@ -23,9 +23,11 @@ from _harness import REPO, TINY_MODEL, stage_dict, write_stage
 from _xla_env import FAST_COMPILE
 
 from longvila_jax.config.base import from_dict
-from longvila_jax.config.train import StageConfig, resolve_stage, stage_fingerprint
+from longvila_jax.config.train import StageConfig
 from longvila_jax.train import loop
 from longvila_jax.train.__main__ import main
+from longvila_jax.train.fingerprint import stage_fingerprint
+from longvila_jax.train.resolve import resolve_stage
 
 FILES = ("stage", "model", "data", "mesh")
 ATTACKS = ("syntax", "unsafe_tag", "missing", "fifo", "duplicate_key", "alias_bomb")

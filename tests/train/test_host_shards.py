@@ -17,9 +17,9 @@ import pytest
 from _harness import video_stage_dict
 
 from longvila_jax.config.base import ConfigError, from_dict
-from longvila_jax.config.train import StageConfig, resolve_stage
+from longvila_jax.config.train import StageConfig
+from longvila_jax.core.axes import MESH_AXES
 from longvila_jax.data.pipeline import DataIterator
-from longvila_jax.parallel.axes import MESH_AXES
 from longvila_jax.parallel.host_shards import (
     DataShard,
     count_data_shards,
@@ -29,6 +29,7 @@ from longvila_jax.parallel.host_shards import (
 from longvila_jax.parallel.mesh import MeshConfig, make_mesh
 from longvila_jax.parallel.mmsp import MMSPPlan
 from longvila_jax.train.objective import image_token_id_of
+from longvila_jax.train.resolve import resolve_stage
 
 BATCH = ("data", "fsdp")
 

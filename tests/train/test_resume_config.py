@@ -19,14 +19,15 @@ import pytest
 from _harness import REPO, TINY_MODEL, stage_dict, write_stage
 
 from longvila_jax.config.base import ConfigError, from_dict, to_dict
-from longvila_jax.config.train import (
+from longvila_jax.config.train import StageConfig
+from longvila_jax.train.checkpoint import Checkpointer
+from longvila_jax.train.fingerprint import (
     RESUME_MUTABLE,
-    StageConfig,
-    resolve_stage,
+    check_resume_config,
     stage_fingerprint,
 )
-from longvila_jax.train.checkpoint import Checkpointer
-from longvila_jax.train.loop import EXIT_CONFIG, check_resume_config
+from longvila_jax.train.loop import EXIT_CONFIG
+from longvila_jax.train.resolve import resolve_stage
 
 
 def _stage(corpus: Path, run: Path, **overrides) -> StageConfig:

@@ -14,12 +14,14 @@ import pytest
 from _harness import stage_dict
 
 from longvila_jax.config.base import from_dict
-from longvila_jax.config.train import CheckpointConfig, StageConfig, resolve_stage
+from longvila_jax.config.train import CheckpointConfig, StageConfig
 from longvila_jax.data.pipeline import DataIterator
+from longvila_jax.parallel.layouts import packed_splice_indices
 from longvila_jax.parallel.mesh import make_mesh
 from longvila_jax.train.checkpoint import Checkpointer, NonFiniteState
-from longvila_jax.train.objective import DenseObjective, expanded_inputs, image_token_id_of
+from longvila_jax.train.objective import DenseObjective, image_token_id_of
 from longvila_jax.train.optim import make_optimizer, make_schedule
+from longvila_jax.train.resolve import resolve_stage
 from longvila_jax.train.state import ModelTemplate, create_state, state_shardings, unnest
 from longvila_jax.train.step import jit_step, make_train_step
 
@@ -214,13 +216,13 @@ def test_grad_accumulation_is_the_global_token_mean(corpus, tmp_path):
     assert moved >= len(d1) - 2
 
 
-def test_expanded_inputs_match_the_model_splice(setup):
+def test_packed_splice_indices_match_the_model_splice(setup):
     """Host conversion of pipeline rows == the model's own ``expand_inputs`` on the same text."""
     from longvila_jax.models.vlm import expand_inputs
 
     batch = setup.batch()
     tpf = setup.resolved.model.tokens_per_frame
-    text_ids, visual = expanded_inputs(batch, setup.image_id, tpf)
+    text_ids, visual = packed_splice_indices(batch, setup.image_id, tpf)
     for r in range(batch["input_ids"].shape[0]):
         real = batch["text_to_expanded"][r] < text_ids.shape[1]
         ids = batch["input_ids"][r][real][None]
