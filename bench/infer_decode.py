@@ -92,7 +92,7 @@ def timed_rows(a, mesh) -> list[dict]:
     model = _random_model(bench_config(a))
     gen = Generator(model, None, mesh=mesh)
     graphdef = nnx.graphdef(model)
-    steps = {c: make_decode_step(graphdef, gen.sm, combine=c) for c in ("lse", "gather")}
+    steps = {c: make_decode_step(graphdef, gen.seq_mesh, combine=c) for c in ("lse", "gather")}
     rng = np.random.default_rng(0)
     rows = []
     for length in a.lengths:
@@ -102,14 +102,14 @@ def timed_rows(a, mesh) -> list[dict]:
         new = a.steps + 8
 
         def prefill(lp=lp, inputs=inputs, new=new):
-            return gen._prefill(gen.state, *inputs, new_slots=-(-new // gen.sm.num_shards))
+            return gen._prefill(gen.state, *inputs, new_slots=-(-new // gen.seq_mesh.num_shards))
 
         t = time.perf_counter()
         jax.block_until_ready(prefill())
         compile_s = time.perf_counter() - t
         row = {"length": int(lp.text_ids.shape[1]), "prefill_s": _best(prefill, a.repeats)}
-        cap = row["length"] + gen.sm.num_shards * -(-new // gen.sm.num_shards)
-        row["analytic_wire"] = analytic_wire(model.cfg.llm, cap, gen.sm.num_shards, 4)
+        cap = row["length"] + gen.seq_mesh.num_shards * -(-new // gen.seq_mesh.num_shards)
+        row["analytic_wire"] = analytic_wire(model.cfg.llm, cap, gen.seq_mesh.num_shards, 4)
         row["prefill_first_call_s"] = compile_s
         for combine, step in steps.items():
             cache, logits = prefill()

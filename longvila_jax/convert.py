@@ -79,6 +79,8 @@ def _bounded(e: BaseException) -> str:
 
 def _run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
+    # Each command imports only its own converter: jax and the model stack load slowly, and a
+    # usage error or --help should not wait for them.
     if args.cmd == "import":
         from longvila_jax.ckpt.hf_parts_import import import_hf_parts
         from longvila_jax.ckpt.vila_import import import_vila

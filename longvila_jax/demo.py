@@ -37,6 +37,8 @@ import sys
 import time
 from pathlib import Path
 
+# Project modules are imported inside the functions that use them: `_setup_devices` must set
+# the simulated device count before anything imports jax.
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ("demo_s1", "demo_s2", "demo_s3", "demo_s4", "demo_s5")
 CHANCE = 1 / 10  # one-digit secrets

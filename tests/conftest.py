@@ -1,9 +1,9 @@
 """Test setup: 8 simulated CPU devices and fast compiles, set before jax is imported anywhere,
-and one persistent compilation cache per test run (tests/_xla_env.py)."""
+and one persistent compilation cache per test run (tests/helpers/xla_env.py)."""
 
 import os
 
-from _xla_env import CACHE_ENV, session_cache_dir, xla_flags
+from helpers.xla_env import CACHE_ENV, session_cache_dir, xla_flags
 
 os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {xla_flags(8)}".strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")

@@ -10,7 +10,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 DOC = REPO / "docs" / "reliability.md"
 # `path/test_x.py::test_name` or `path/test_x.py` or `::test_name` (same file as the last path)
-_REF = re.compile(r"`((?:[\w/]+/)?test_[\w*]+\.py)?(?:::(\w+))?`")
+_REF = re.compile(r"`((?:[\w/*]+/)?test_[\w*]+\.py)?(?:::(\w+))?`")
 
 
 def _rows() -> list[list[str]]:

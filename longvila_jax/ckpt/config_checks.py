@@ -15,10 +15,10 @@ from collections.abc import Mapping
 from longvila_jax.ckpt.safetensors_io import WeightSet
 from longvila_jax.config.base import ConfigError
 from longvila_jax.config.model import ModelConfig
+from longvila_jax.core.tokens import IMAGE_TOKEN, image_token_id
 
 # VILA adds these to the tokenizer (llava/constants.py); they may lie past the embedding table.
 MEDIA_TOKENS = ("<image>", "<vila/video>", "<vila/sentinel>")
-IMAGE_TOKEN = "<image>"
 _DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 
 
@@ -99,10 +99,7 @@ def check_tokenizer(cfg: ModelConfig, tokenizer) -> None:
                 f"tokenizer has {n} tokens but the embedding only {rows} rows; ids >= {rows} "
                 f"must be media tokens {MEDIA_TOKENS}, found {bad[:5]}",
             )
-    image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-    unk = getattr(tokenizer, "unk_token_id", None)
-    if image_id is None or (unk is not None and image_id == unk):
-        image_id = None
+    image_id = image_token_id(tokenizer)
     if image_id is not None and image_id != cfg.image_token_id:
         raise ConfigError(
             "image_token_id",
@@ -114,11 +111,3 @@ def check_tokenizer(cfg: ModelConfig, tokenizer) -> None:
             "image_token_id",
             f"{cfg.image_token_id} is the tokenizer's ordinary token {tok!r}, not {IMAGE_TOKEN}",
         )
-
-
-def image_token_id(tokenizer) -> int | None:
-    """Id of ``<image>`` in the tokenizer, or None if it has no such token."""
-    tid = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-    if tid is None or tid == getattr(tokenizer, "unk_token_id", None):
-        return None
-    return int(tid)

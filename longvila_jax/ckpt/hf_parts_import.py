@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from flax import nnx
 
 from longvila_jax.ckpt import config_checks, hf_config, mapping
 from longvila_jax.ckpt.orbax_io import HF_DIR, checkpoint_dir, write_metadata
@@ -33,6 +34,7 @@ from longvila_jax.ckpt.vila_import import (
 from longvila_jax.config.model import ModelConfig
 from longvila_jax.core import trees
 from longvila_jax.core.safe_paths import copy_file, is_regular
+from longvila_jax.models.projector import Projector
 
 
 def _torch_dtype(dtype: str) -> str:
@@ -81,10 +83,6 @@ def import_hf_parts(
       ConfigError, CheckpointError: a malformed, inconsistent or unsafe source (named).
       FileExistsError: ``out`` exists.
     """
-    from flax import nnx
-
-    from longvila_jax.models.projector import Projector
-
     data, source = hf_config.read_hf_parts(llm_dir, vision_dir, projector_type)
     weights = {c: WeightSet(source.dirs[c]) for c in ("llm", "vision_tower")}  # root: the dir
     vision_cfg = source.configs["vision_tower"]

@@ -29,6 +29,9 @@ from longvila_jax.ckpt.mappings import projector as proj_map
 from longvila_jax.ckpt.mappings import siglip as siglip_map
 from longvila_jax.config.model import ModelConfig
 from longvila_jax.core import trees
+from longvila_jax.models.llm import LLM
+from longvila_jax.models.projector import Projector
+from longvila_jax.models.vision import VisionTower
 
 Component = Literal["llm", "vision_tower", "mm_projector"]
 COMPONENTS: tuple[str, ...] = ("llm", "vision_tower", "mm_projector")
@@ -101,11 +104,6 @@ def _regex(template: str) -> re.Pattern:
 
 
 def _build(cfg: ModelConfig, component: str) -> nnx.Module:
-    # Imported here: the model modules are heavy and the tables must stay cheap to import.
-    from longvila_jax.models.llm import LLM
-    from longvila_jax.models.projector import Projector
-    from longvila_jax.models.vision import VisionTower
-
     cls = {"llm": LLM, "vision_tower": VisionTower, "mm_projector": Projector}[component]
     return cls(cfg, rngs=nnx.Rngs(0))
 

@@ -21,13 +21,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from flax import nnx
 
 from longvila_jax.ckpt import checks, hf_config, integrity, orbax_io
 from longvila_jax.ckpt.safetensors_io import WeightSet
+from longvila_jax.ckpt.vila_import import iter_leaves, plan_component
 from longvila_jax.config.model import ModelConfig
 from longvila_jax.core import trees
 from longvila_jax.core.errors import CheckpointError
 from longvila_jax.core.safe_paths import check_folder
+from longvila_jax.models.vlm import LongVILA
 
 
 def _is_vila(path: Path) -> bool:
@@ -66,8 +69,6 @@ def read_vila_params(
       ConfigError, CheckpointError: a malformed, inconsistent or unsafe source (named).
     """
     import jax.numpy as jnp
-
-    from longvila_jax.ckpt.vila_import import iter_leaves, plan_component
 
     path = Path(path)
     data, source = hf_config.read_vila(path)
@@ -135,10 +136,6 @@ def load_pretrained(
         tampered, mis-shaped or non-finite weights (named).
       ConfigError: an invalid or inconsistent config (field named).
     """
-    from flax import nnx
-
-    from longvila_jax.models.vlm import LongVILA
-
     path = Path(path)
     kw = dict(dtype=dtype, overrides=overrides, allow_nonfinite=allow_nonfinite)
     if orbax_io.is_project_checkpoint(path):

@@ -3,7 +3,7 @@
 ``LONGVILA_TEST_KILL=<site>@<n>`` arms one point: the process SIGKILLs itself when it reaches
 ``hit(site, n)`` (sites that know their training step pass it), or, for sites that pass no
 step, the ``n``-th time it reaches ``hit(site)`` (1-based, counted per process). The training
-loop's save-window sites (``train.checkpoint.KillSwitch``) use the same variable. Unset, or set
+loop's save-window sites (``train.kill_switch.KillSwitch``) use the same variable. Unset, or set
 to a site nobody calls, this module does nothing; no library code path depends on it.
 
 ``LONGVILA_TEST_STALL=<site>:<text>`` makes ``stall(site, key)`` block forever when ``text``

@@ -26,6 +26,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from longvila_jax.data.skips import SampleSkipped
+from longvila_jax.data.video import decode_video
 
 _LEN = struct.Struct("<Q")
 
@@ -48,8 +49,6 @@ def _read_exact(f: BinaryIO, n: int) -> bytes | None:
 
 def serve(inp: BinaryIO, out: BinaryIO) -> None:
     """Child loop: decode requests until stdin closes."""
-    from longvila_jax.data.video import decode_video
-
     _write_msg(out, b"ready")  # imports done: the parent starts the request clock after this
     while True:
         head = _read_exact(inp, _LEN.size)

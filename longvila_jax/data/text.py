@@ -20,9 +20,8 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from longvila_jax.core.errors import ConfigError, brief
 from longvila_jax.core.safe_paths import check_folder
+from longvila_jax.core.tokens import IMAGE_TOKEN, image_token_id
 from longvila_jax.data.skips import SampleSkipped
-
-IMAGE_TOKEN = "<image>"
 
 QWEN2_SYSTEM = "You are a helpful assistant"
 LLAMA3_SYSTEM = (
@@ -93,10 +92,6 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
             "tokenizer_dir", f"{IMAGE_TOKEN} must be one special token in {path}, got {brief(ids)}"
         )
     return tok
-
-
-def image_token_id(tok: PreTrainedTokenizerBase) -> int:
-    return int(tok.convert_tokens_to_ids(IMAGE_TOKEN))
 
 
 @dataclasses.dataclass(frozen=True)

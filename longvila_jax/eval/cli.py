@@ -1,11 +1,13 @@
-"""Command lines of the evaluations (``python -m longvila_jax.eval.vniah`` / ``.videomme``).
+"""Shared pieces of the evaluation command lines (``python -m longvila_jax.eval.vniah`` /
+``.videomme``; each ``main`` lives in its own module, and this module imports neither).
 
-Shared pieces: number lists (``8,16,32`` or ``start:stop:step``, stop included), loading the
-model and tokenizer (``ckpt.load_pretrained``; the tokenizer from the checkpoint or
-``--tokenizer``), the optional mesh file, and ``--cpu-devices`` to simulate devices on a CPU
-host (set before the jax backend starts). Errors in the inputs (any ``core.errors.InputError``:
-a missing, garbage or tampered model directory, a bad mesh file, malformed annotations) exit
-with status 2 and a one-line ``error: ...`` message naming the problem, without a traceback.
+Number lists (``8,16,32`` or ``start:stop:step``, stop included), the options every evaluation
+takes, loading the model and tokenizer (``ckpt.load_pretrained``; the tokenizer from the
+checkpoint or ``--tokenizer``), the optional mesh file, and ``--cpu-devices`` to simulate
+devices on a CPU host (set before the jax backend starts: importing jax does not start it).
+Errors in the inputs (any ``core.errors.InputError``: a missing, garbage or tampered model
+directory, a bad mesh file, malformed annotations) exit with status 2 and a one-line
+``error: ...`` message naming the problem, without a traceback.
 """
 
 from __future__ import annotations
@@ -14,7 +16,11 @@ import argparse
 import sys
 from collections.abc import Callable
 
+import jax
+
+from longvila_jax.ckpt.pretrained import load_pretrained, load_tokenizer
 from longvila_jax.core.errors import InputError
+from longvila_jax.parallel.mesh import load_mesh_config, make_mesh, validate_mesh
 
 
 def parse_numbers(text: str, kind: Callable = int) -> list:
@@ -37,132 +43,64 @@ def parse_numbers(text: str, kind: Callable = int) -> list:
     return out
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="project checkpoint or VILA-layout folder")
-    p.add_argument("--tokenizer", help="tokenizer folder (default: the model's)")
-    p.add_argument("--mesh", help="mesh file for the sequence-parallel forward")
-    p.add_argument("--cpu-devices", type=int, default=0, help="simulate N CPU devices")
-    p.add_argument("--dtype", help="parameter/compute dtype override, e.g. float32")
-    p.add_argument("--template", choices=("qwen2", "llama_3"), help="default: from the LLM")
-    p.add_argument(
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model, tokenizer, mesh, device, dtype and prompt options of every evaluation."""
+    parser.add_argument("--model", required=True, help="project checkpoint or VILA-layout folder")
+    parser.add_argument("--tokenizer", help="tokenizer folder (default: the model's)")
+    parser.add_argument("--mesh", help="mesh file for the sequence-parallel forward")
+    parser.add_argument("--cpu-devices", type=int, default=0, help="simulate N CPU devices")
+    parser.add_argument("--dtype", help="parameter/compute dtype override, e.g. float32")
+    parser.add_argument("--template", choices=("qwen2", "llama_3"), help="default: from the LLM")
+    parser.add_argument(
         "--no-newline",
         action="store_true",
         help="no '\\n' after each frame (upstream V-NIAH); default follows our training",
     )
-    p.add_argument("--encode-batch", type=int, default=32, help="frames per vision call")
+    parser.add_argument("--encode-batch", type=int, default=32, help="frames per vision call")
 
 
-def _setup(args):
-    """Starts jax (with simulated devices if asked); returns (model, tokenizer, mesh)."""
-    import jax
-
+def setup(args: argparse.Namespace):
+    """Starts jax (with simulated devices if asked); returns (model, tokenizer, mesh or None)."""
     if args.cpu_devices:
         jax.config.update("jax_num_cpu_devices", args.cpu_devices)
-    from longvila_jax.ckpt.pretrained import load_pretrained, load_tokenizer
-
     model = load_pretrained(args.model, dtype=args.dtype)
     tokenizer = load_tokenizer(args.tokenizer or args.model)
     mesh = None
     if args.mesh:
-        from longvila_jax.parallel.mesh import load_mesh_config, make_mesh, validate_mesh
-
-        mcfg = load_mesh_config(args.mesh)
+        mesh_cfg = load_mesh_config(args.mesh)
         validate_mesh(
-            mcfg,
+            mesh_cfg,
             jax.device_count(),
             num_heads=model.cfg.llm.num_attention_heads,
             num_kv_heads=model.cfg.llm.num_key_value_heads,
         )
-        mesh = make_mesh(mcfg)
+        mesh = make_mesh(mesh_cfg)
     return model, tokenizer, mesh
 
 
-def _run(fn: Callable[[], int]) -> int:
+def run_command(args: argparse.Namespace, evaluate: Callable[..., str]) -> int:
+    """Runs one evaluation command after its arguments were parsed.
+
+    Loads the model (:func:`setup`), calls ``evaluate(model, tokenizer, **options)`` with the
+    options every ``run_*`` takes from the common flags (``mesh``, ``template``,
+    ``newline_after_frame``, ``encode_batch``) and prints the summary line it returns.
+
+    Returns:
+      The exit status: 0, or 2 with one ``error: ...`` line for a bad input.
+    """
     try:
-        return fn()
+        model, tokenizer, mesh = setup(args)
+        options = dict(
+            mesh=mesh,
+            template=args.template,
+            newline_after_frame=not args.no_newline,
+            encode_batch=args.encode_batch,
+        )
+        print(evaluate(model, tokenizer, **options))
     except (InputError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    return 0
 
 
-def vniah_main(argv: list[str] | None = None) -> int:
-    """``python -m longvila_jax.eval.vniah``; returns the exit status."""
-    p = argparse.ArgumentParser(prog="python -m longvila_jax.eval.vniah", description="V-NIAH")
-    _common(p)
-    p.add_argument("--haystack", required=True, help="haystack video (decoded at 1 fps)")
-    p.add_argument("--needles", required=True, help="needles folder (longvila_jax.eval.needles)")
-    p.add_argument("--frames", required=True, type=parse_numbers, help="e.g. 8,16 or 300:6000:300")
-    p.add_argument(
-        "--depths", type=lambda s: parse_numbers(s, float), default="0,0.2,0.4,0.6,0.8,1"
-    )
-    p.add_argument("--out", default="vniah_out", help="results folder")
-    p.add_argument("--batch-size", type=int, default=1, help="depths per forward")
-    p.add_argument("--title", default="V-NIAH")
-    args = p.parse_args(argv)
-
-    def go() -> int:
-        from longvila_jax.eval.vniah import run_vniah
-
-        model, tokenizer, mesh = _setup(args)
-        res = run_vniah(
-            model,
-            tokenizer,
-            args.haystack,
-            args.needles,
-            args.frames,
-            args.depths,
-            mesh=mesh,
-            out_dir=args.out,
-            template=args.template,
-            newline_after_frame=not args.no_newline,
-            batch_size=args.batch_size,
-            encode_batch=args.encode_batch,
-            title=args.title,
-            progress=True,
-        )
-        print(f"V-NIAH mean score {res['mean_score']:.4f} ({res['seconds']} s); wrote {args.out}")
-        return 0
-
-    return _run(go)
-
-
-def videomme_main(argv: list[str] | None = None) -> int:
-    """``python -m longvila_jax.eval.videomme``; returns the exit status."""
-    p = argparse.ArgumentParser(
-        prog="python -m longvila_jax.eval.videomme", description="VideoMME-style evaluation"
-    )
-    _common(p)
-    p.add_argument("--annotations", required=True, help=".parquet / .json / .jsonl")
-    p.add_argument("--videos", required=True, help="folder with <videoID>.mp4")
-    p.add_argument("--frames", required=True, type=int, help="frames per video (uniform)")
-    p.add_argument("--out", default="videomme_out", help="results folder")
-    p.add_argument("--limit", type=int, help="only the first N questions")
-    args = p.parse_args(argv)
-
-    def go() -> int:
-        from longvila_jax.eval.videomme import run_videomme
-
-        model, tokenizer, mesh = _setup(args)
-        res = run_videomme(
-            model,
-            tokenizer,
-            args.annotations,
-            args.videos,
-            args.frames,
-            mesh=mesh,
-            out_dir=args.out,
-            template=args.template,
-            newline_after_frame=not args.no_newline,
-            encode_batch=args.encode_batch,
-            limit=args.limit,
-        )
-        acc = res["accuracy"]
-        parts = [
-            f"{k} {v['accuracy']:.3f} ({v['correct']}/{v['total']})"
-            for k, v in acc.items()
-            if v["total"]
-        ]
-        print("VideoMME accuracy: " + ", ".join(parts) + f"; wrote {args.out}")
-        return 0
-
-    return _run(go)
+__all__ = ["add_common_arguments", "parse_numbers", "run_command", "setup"]

@@ -3,9 +3,11 @@
 Each record of a dataset of a :class:`~longvila_jax.config.DataConfig` (for the demo, the
 synthetic corpus's ``needle_eval.jsonl``) goes through the training pipeline's own
 :class:`~longvila_jax.data.samples.SampleProcessor` (same frame sampling, chat template and
-tokenisation as the stage that trained the model), then through one forward pass of the model. A
-question counts as answered when the argmax at every position of the reference answer's tokens
-(the first assistant reply) is the reference token: the teacher-forced exact match of V-NIAH.
+tokenisation as the stage that trained the model), then through one forward pass of the model
+on one device (``infer.scoring.TeacherForcedScorer``, the scorer of V-NIAH and of
+``Generator.teacher_forced``). A question counts as answered when the argmax at every position
+of the reference answer's tokens (the first assistant reply) is the reference token: the
+teacher-forced exact match of V-NIAH.
 Samples the pipeline skips are counted by reason and never replaced.
 """
 
@@ -18,10 +20,10 @@ from pathlib import Path
 import numpy as np
 
 from longvila_jax.config.data import DataConfig
-from longvila_jax.data.image import normalize
 from longvila_jax.data.samples import SampleProcessor
 from longvila_jax.data.skips import is_skip
 from longvila_jax.data.sources import ManifestSource, parse_record
+from longvila_jax.infer.scoring import TeacherForcedScorer
 
 
 def _first_reply(record: dict) -> str:
@@ -85,36 +87,34 @@ def heldout_accuracy(model, data: DataConfig, dataset: str, *, limit: int | None
         )
     t0 = time.perf_counter()
     spec = specs[dataset]
-    proc = SampleProcessor(data)
-    tok = proc.tokenizer
+    processor = SampleProcessor(data)
+    tokenizer = processor.tokenizer
+    scorer = TeacherForcedScorer(model)  # one device, dense attention
     source = ManifestSource(Path(data.root) / spec.manifest, spec.name)
     n = len(source) if limit is None else min(limit, len(source))
     results, skipped = [], {}
     for i in range(n):
         element = source[i]
-        sample = proc(element)
+        sample = processor(element)
         if is_skip(sample):
             skipped[sample["skip_reason"]] = skipped.get(sample["skip_reason"], 0) + 1
             continue
         answer = _first_reply(parse_record(element)).strip()
-        answer_ids = np.asarray(tok(answer, add_special_tokens=False)["input_ids"], np.int32)
+        answer_ids = np.asarray(tokenizer(answer, add_special_tokens=False)["input_ids"], np.int32)
         ids = np.asarray(sample["input_ids"], np.int32)
+        # The sample holds the whole conversation (answer and end token included), so the
+        # answer is read where the training labels put it, not at the end of the row.
         query = answer_positions(
             ids, sample["supervised"], answer_ids, cfg.image_token_id, cfg.tokens_per_frame
         )
-        frames = sample["frames"]
-        pixels = normalize(frames) if len(frames) else None
-        logits = np.asarray(model(ids[None], pixels))[0, query]
-        z = logits - logits.max(-1, keepdims=True)
-        logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
-        pred = logits.argmax(-1)
+        scored = scorer.score(ids, sample["frames"], answer_ids, query=query)
         results.append(
             {
                 "id": sample["sample_id"],
                 "answer": answer,
-                "prediction": tok.decode(pred.tolist()),
-                "exact": bool(np.array_equal(pred, answer_ids)),
-                "answer_logprob": float(logp[np.arange(len(answer_ids)), answer_ids].sum()),
+                "prediction": tokenizer.decode(scored.predicted_ids.tolist()),
+                "exact": scored.exact_match,
+                "answer_logprob": float(scored.logprobs.sum()),
             }
         )
     correct = sum(r["exact"] for r in results)

@@ -33,7 +33,10 @@ from longvila_jax.core.errors import InputError, brief
 from longvila_jax.core.safe_load import parse_json
 from longvila_jax.core.safe_paths import read_regular, resolve_inside
 from longvila_jax.data.glyphs import COLOURS, render_number
+from longvila_jax.data.image import load_image
+from longvila_jax.data.skips import SampleSkipped
 from longvila_jax.data.synthetic import NEEDLE_QUESTION
+from longvila_jax.data.video import write_video
 
 WORD_QUESTION = "What is the secret word shown in the video?"
 WORDS = ("apple", "river", "tiger", "piano", "cloud", "lemon", "rocket", "violet")
@@ -132,10 +135,12 @@ def write_needles(out_dir: str | Path, needles: Sequence[Needle]) -> Path:
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     rows = []
-    for k, nd in enumerate(needles):
-        rel = f"images/needle_{k}.png"
-        Image.fromarray(nd.image).save(out / rel)
-        rows.append({"id": nd.id, "image": rel, "question": nd.question, "answer": nd.answer})
+    for k, needle in enumerate(needles):
+        image = f"images/needle_{k}.png"
+        Image.fromarray(needle.image).save(out / image)
+        rows.append(
+            {"id": needle.id, "image": image, "question": needle.question, "answer": needle.answer}
+        )
     path = out / MANIFEST
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
@@ -150,9 +155,6 @@ def load_needles(needles_dir: str | Path, size: int) -> list[Needle]:
     Raises:
       InputError: missing manifest, bad rows (named by line) or unreadable images.
     """
-    from longvila_jax.data.image import load_image
-    from longvila_jax.data.skips import SampleSkipped
-
     root = Path(needles_dir)
     path = root / MANIFEST
     if not path.is_file():
@@ -174,8 +176,8 @@ def load_needles(needles_dir: str | Path, size: int) -> list[Needle]:
             image = load_image(image_path, size)
         except (SampleSkipped, FileNotFoundError) as e:
             raise InputError(f"{where}: image {brief(row['image'])}: {e}") from None
-        nid = str(row.get("id", f"needle-{len(out)}"))
-        out.append(Needle(nid, image, row["question"], row["answer"]))
+        needle_id = str(row.get("id", f"needle-{len(out)}"))
+        out.append(Needle(needle_id, image, row["question"], row["answer"]))
     if not out:
         raise InputError(f"needles: {path} holds no needle")
     return out
@@ -221,39 +223,39 @@ def make_haystack_video(
     frames = np.empty((seconds * fps, size, size, 3), np.uint8)
     for s, c in enumerate(picks):
         frames[s * fps : (s + 1) * fps] = COLOURS[names[c]]
-    from longvila_jax.data.video import write_video
-
     write_video(path, frames, fps=fps)
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(
+    parser = argparse.ArgumentParser(
         prog="python -m longvila_jax.eval.needles", description=__doc__.splitlines()[0]
     )
-    p.add_argument("out_dir", type=Path)
-    p.add_argument("--count", type=int, default=5)
-    p.add_argument("--kind", choices=("number", "word", "mixed"), default="number")
-    p.add_argument("--size", type=int, default=64, help="image side in pixels")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--numbers", help="comma-separated secret numbers (overrides --count)")
-    p.add_argument("--words", help="comma-separated secret words")
-    p.add_argument("--haystack-seconds", type=int, default=0, help="also write haystack.mp4")
-    p.add_argument("--haystack-fps", type=int, default=8)
-    a = p.parse_args(argv)
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--count", type=int, default=5)
+    parser.add_argument("--kind", choices=("number", "word", "mixed"), default="number")
+    parser.add_argument("--size", type=int, default=64, help="image side in pixels")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--numbers", help="comma-separated secret numbers (overrides --count)")
+    parser.add_argument("--words", help="comma-separated secret words")
+    parser.add_argument("--haystack-seconds", type=int, default=0, help="also write haystack.mp4")
+    parser.add_argument("--haystack-fps", type=int, default=8)
+    args = parser.parse_args(argv)
     needles = make_needles(
-        a.count,
-        kind=a.kind,
-        size=a.size,
-        seed=a.seed,
-        numbers=a.numbers.split(",") if a.numbers else None,
-        words=a.words.split(",") if a.words else None,
+        args.count,
+        kind=args.kind,
+        size=args.size,
+        seed=args.seed,
+        numbers=args.numbers.split(",") if args.numbers else None,
+        words=args.words.split(",") if args.words else None,
     )
-    path = write_needles(a.out_dir, needles)
+    path = write_needles(args.out_dir, needles)
     print(f"wrote {len(needles)} needles to {path}")
-    if a.haystack_seconds:
-        video = a.out_dir / "haystack.mp4"
-        make_haystack_video(video, a.haystack_seconds, fps=a.haystack_fps, size=a.size, seed=a.seed)
-        print(f"wrote {video} ({a.haystack_seconds} s at {a.haystack_fps} fps)")
+    if args.haystack_seconds:
+        video = args.out_dir / "haystack.mp4"
+        make_haystack_video(
+            video, args.haystack_seconds, fps=args.haystack_fps, size=args.size, seed=args.seed
+        )
+        print(f"wrote {video} ({args.haystack_seconds} s at {args.haystack_fps} fps)")
 
 
 if __name__ == "__main__":

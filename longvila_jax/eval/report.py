@@ -10,6 +10,8 @@ import numpy as np
 
 def plot_heatmap(results: dict, path: str | Path) -> None:
     """Depth x frame-count heatmap of the cell scores (0 red .. 1 green), one PNG."""
+    # Imported here: matplotlib is slow to import, and the headless Agg backend must be chosen
+    # before pyplot is imported.
     import matplotlib
 
     matplotlib.use("Agg")

@@ -65,11 +65,11 @@ def make_synthetic_videomme(
                 "url": f"synthetic://{yt}",
                 "videoID": yt,
             }
-            qs = [
+            questions = [
                 ("Counting Problem", "What number is shown in the video?", number, numbers),
                 ("Attribute Perception", "What colour is the background?", colour, colours),
             ]
-            for j, (task, question, correct, pool) in enumerate(qs, 1):
+            for j, (task, question, correct, pool) in enumerate(questions, 1):
                 options, answer = _options(rng, correct, pool)
                 rows.append(
                     {
@@ -87,24 +87,24 @@ def make_synthetic_videomme(
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(
+    parser = argparse.ArgumentParser(
         prog="python -m longvila_jax.eval.videomme_synthetic",
         description=__doc__.splitlines()[0],
     )
-    p.add_argument("out_dir", type=Path)
-    p.add_argument("--per-bucket", type=int, default=2, help="videos per duration bucket")
-    p.add_argument("--size", type=int, default=64)
-    p.add_argument("--fps", type=int, default=4)
-    p.add_argument("--base-seconds", type=int, default=2, help="length of a 'short' video")
-    p.add_argument("--seed", type=int, default=0)
-    a = p.parse_args(argv)
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--per-bucket", type=int, default=2, help="videos per duration bucket")
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--fps", type=int, default=4)
+    parser.add_argument("--base-seconds", type=int, default=2, help="length of a 'short' video")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
     path = make_synthetic_videomme(
-        a.out_dir,
-        per_bucket=a.per_bucket,
-        size=a.size,
-        fps=a.fps,
-        base_seconds=a.base_seconds,
-        seed=a.seed,
+        args.out_dir,
+        per_bucket=args.per_bucket,
+        size=args.size,
+        fps=args.fps,
+        base_seconds=args.base_seconds,
+        seed=args.seed,
     )
     print(f"wrote {path}")
 

@@ -6,12 +6,13 @@
 
 Procedure (longvila.md §8), per frame count n, depth d and needle:
 
-1. Haystack: the video decoded at 1 frame per second (every ``round(avg_fps)``-th frame, from
-   frame 0), the first n such frames. All frames are encoded once (vision tower + projector in
-   batches) and every prompt gathers its rows from that table.
+1. Haystack: the video decoded at 1 frame per second (``eval.haystack``), the first n such
+   frames. All frames are encoded once (vision tower + projector in batches) and every prompt
+   gathers its rows from that table.
 2. The needle image is inserted before haystack frame ``int(d * n)`` (n + 1 frames in all).
 3. Prompt ``[template pre-prompt | frames | question | post-prompt | answer]``, rendered with
-   the chat template the model was trained with (``data.text``); teacher-forced single forward.
+   the chat template the model was trained with (``infer.prompts``); teacher-forced single
+   forward (``infer.scoring``).
 4. Exact match of the argmax predictions at the answer positions against the answer, both
    lower-cased with whitespace removed (the decoded text is compared; token equality, the
    original's criterion, is recorded as ``token_match``). Cell score = mean over needles.
@@ -24,125 +25,34 @@ assistant." with a full stop, our training template has none; padding positions 
 0 instead of EOS tokens (neither changes the causal answer logits).
 
 With a mesh the forward runs sequence-parallel (2D MM-SP attention on the zigzag layout, see
-``eval.forward``), as the original zigzag-shards it over 8 processes.
+``infer.scoring``), as the original zigzag-shards it over 8 processes.
 """
 
 from __future__ import annotations
 
+import argparse
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import av
 import numpy as np
 
-from longvila_jax.data.text import IMAGE_TOKEN, TEMPLATES
-from longvila_jax.eval.needles import Needle, load_needles
+from longvila_jax.eval.cli import add_common_arguments, parse_numbers, run_command
+from longvila_jax.eval.haystack import cell_visual_index, insert_position, load_haystack
+from longvila_jax.eval.needles import (
+    Needle,
+    load_needles,
+    make_haystack_video,
+    make_needles,
+    write_needles,
+)
+from longvila_jax.eval.report import write_results
+from longvila_jax.infer.prompts import answer_ids, prompt_ids, template_for
+from longvila_jax.infer.scoring import TeacherForcedScorer, score_answer
+from longvila_jax.models.vlm import ExpandedInputs, expand_prompts
 
 DEFAULT_DEPTHS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
-
-
-def one_fps_indices(frame_count: int, avg_fps: float, max_frames: int) -> np.ndarray:
-    """Frame indices of the 1 fps haystack: every ``round(avg_fps)``-th frame from 0.
-
-    Args:
-      frame_count: frames in the video.
-      avg_fps: the stream's average frame rate (Python ``round``, as upstream).
-      max_frames: at most this many indices.
-
-    Returns:
-      int64 [min(max_frames, ceil(frame_count / step))].
-    """
-    if avg_fps <= 0 or not np.isfinite(avg_fps):
-        raise ValueError(f"haystack: average fps must be positive, got {avg_fps}")
-    step = max(1, round(avg_fps))
-    return np.arange(0, frame_count, step, dtype=np.int64)[:max_frames]
-
-
-def load_haystack(path: str | Path, max_frames: int, size: int) -> np.ndarray:
-    """Decodes the first ``max_frames`` 1 fps frames of a video (sequential decode).
-
-    Returns:
-      uint8 [max_frames, size, size, 3].
-
-    Raises:
-      ValueError: unreadable video or fewer than ``max_frames`` frames at 1 fps.
-    """
-    path = Path(path)
-    try:
-        container = av.open(str(path))
-    except (av.FFmpegError, OSError) as e:
-        raise ValueError(f"haystack {path}: cannot open ({e})") from None
-    with container:
-        if not container.streams.video:
-            raise ValueError(f"haystack {path}: no video stream")
-        stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
-        fps = float(stream.average_rate or 0)
-        step = max(1, round(fps)) if fps > 0 else 1
-        # Unknown length: ask for max_frames indices and find out while decoding.
-        count = int(stream.frames or 0) or max_frames * step
-        keep = set(one_fps_indices(count, fps, max_frames).tolist())
-        frames = []
-        for i, frame in enumerate(container.decode(stream)):
-            if i in keep:
-                rgb = frame.to_ndarray(
-                    width=size, height=size, format="rgb24", interpolation="BICUBIC"
-                )
-                frames.append(rgb)
-                if len(frames) == max_frames:
-                    break
-    if len(frames) < max_frames:
-        raise ValueError(
-            f"haystack {path}: only {len(frames)} frames at 1 fps ({fps:.3g} fps video), "
-            f"{max_frames} needed for the largest frame count"
-        )
-    return np.stack(frames)
-
-
-def insert_position(n_frames: int, depth: float) -> int:
-    """Index of the needle among the n + 1 frames: ``int(depth * n_frames)`` (as upstream)."""
-    if not 0.0 <= depth <= 1.0:
-        raise ValueError(f"depth must lie in [0, 1], got {depth}")
-    return int(depth * n_frames)
-
-
-def frame_sources(n_frames: int, depth: float, needle_row: int) -> np.ndarray:
-    """Table row of each of the n + 1 frame slots: haystack 0..n-1 with the needle inserted.
-
-    Returns:
-      int64 [n_frames + 1]: ``needle_row`` at ``insert_position``, haystack indices elsewhere.
-    """
-    k = insert_position(n_frames, depth)
-    hay = np.arange(n_frames, dtype=np.int64)
-    return np.concatenate([hay[:k], [needle_row], hay[k:]])
-
-
-def cell_visual_index(
-    visual_index: np.ndarray, n_frames: int, depth: float, needle_row: int, tokens_per_frame: int
-) -> np.ndarray:
-    """Points the n + 1 frame slots of an expanded prompt at the haystack/needle table rows.
-
-    Args:
-      visual_index: [T] from ``expand_inputs`` for n + 1 placeholders (slot s, token o is
-        ``s * tokens_per_frame + o``; -1 for text).
-      n_frames: haystack frames n.
-      depth: needle depth.
-      needle_row: frame row of the needle in the visual-token table.
-      tokens_per_frame: visual tokens per frame.
-
-    Returns:
-      int32 [T]: ``frame_sources(...)[s] * tokens_per_frame + o`` at visual positions, -1 else.
-    """
-    slot, offset = visual_index // tokens_per_frame, visual_index % tokens_per_frame
-    src = frame_sources(n_frames, depth, needle_row)
-    rows = src[np.maximum(slot, 0)] * tokens_per_frame + offset
-    return np.where(visual_index >= 0, rows, -1).astype(np.int32)
-
-
-def _log_softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(-1, keepdims=True)
-    return z - np.log(np.exp(z).sum(-1, keepdims=True))
 
 
 def normalize_answer(text: str) -> str:
@@ -155,86 +65,47 @@ def exact_match(prediction: str, answer: str) -> bool:
     return normalize_answer(prediction) == normalize_answer(answer)
 
 
-def template_for(cfg) -> str:
-    """Chat template of a model config: ``qwen2`` for Qwen2, ``llama_3`` for Llama."""
-    return "qwen2" if cfg.llm.arch == "qwen2" else "llama_3"
-
-
-def prompt_ids(
-    tokenizer,
-    question: str,
-    n_frames: int,
-    *,
-    template: str,
-    image_token_id: int,
-    newline_after_frame: bool = True,
-) -> np.ndarray:
-    """Token ids of ``[pre-prompt | n frame placeholders | question | post-prompt]``.
-
-    Args:
-      tokenizer: HF fast tokenizer whose ``<image>`` is one special token.
-      question: the user question.
-      n_frames: placeholders to emit.
-      template: ``qwen2`` or ``llama_3`` (``data.text.TEMPLATES``).
-      image_token_id: placeholder id of the model (the tokenizer's ``<image>`` is mapped to it).
-      newline_after_frame: ``"<image>\\n"`` per frame (our training) or bare ``<image>``.
-
-    Returns:
-      int32 [T] with exactly ``n_frames`` ``image_token_id`` entries.
-    """
-    if template not in TEMPLATES:
-        raise ValueError(f"template must be one of {sorted(TEMPLATES)}, got {template!r}")
-    sep = "\n" if newline_after_frame else ""
-    content = (IMAGE_TOKEN + sep) * n_frames + question.strip()
-    text = tokenizer.apply_chat_template(
-        [{"role": "user", "content": content}],
-        chat_template=TEMPLATES[template],
-        tokenize=False,
-        add_generation_prompt=True,
-    )
-    ids = np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], np.int32)
-    tok_image = int(tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
-    found = int((ids == tok_image).sum())
-    if found != n_frames:
-        raise ValueError(
-            f"tokenizer: {IMAGE_TOKEN} is not a single special token ({found} ids "
-            f"{tok_image} for {n_frames} frames)"
-        )
-    if tok_image != image_token_id:
-        if (ids == image_token_id).any():
-            raise ValueError(f"prompt text contains the model's placeholder id {image_token_id}")
-        ids = np.where(ids == tok_image, image_token_id, ids).astype(np.int32)
-    return ids
-
-
-def _needle_prompts(tokenizer, cfg, needles, n, template, newline):
-    from longvila_jax.models.vlm import expand_inputs
-
+def _needle_prompts(
+    tokenizer, cfg, needles: Sequence[Needle], n: int, template: str, newline: bool
+) -> list[tuple[ExpandedInputs, np.ndarray, np.ndarray]]:
+    """(expanded prompt + answer [1, T], answer ids [K], query positions [K]) per needle, for
+    n haystack frames + the needle (which frame slot holds the needle is decided later)."""
     out = []
-    for nd in needles:
+    for needle in needles:
         prompt = prompt_ids(
             tokenizer,
-            nd.question,
+            needle.question,
             n + 1,
             template=template,
             image_token_id=cfg.image_token_id,
             newline_after_frame=newline,
         )
-        answer = np.asarray(tokenizer(nd.answer, add_special_tokens=False)["input_ids"], np.int32)
-        if answer.size == 0:
-            raise ValueError(f"needle {nd.id}: the answer {nd.answer!r} tokenizes to nothing")
-        ex = expand_inputs(
+        answer = answer_ids(tokenizer, needle.answer, f"needle {needle.id}: the answer")
+        expanded = expand_prompts(
             np.concatenate([prompt, answer])[None],
             num_frames=n + 1,
             image_token_id=cfg.image_token_id,
             tokens_per_frame=cfg.tokens_per_frame,
             vocab_size=cfg.llm.vocab_size,
         )
-        prompt_len = ex.text_ids.shape[1] - answer.size
+        prompt_len = expanded.text_ids.shape[1] - answer.size
         # Logits at position p predict token p + 1: the answer is read from prompt_len - 1 on.
         query = np.arange(prompt_len - 1, prompt_len - 1 + answer.size, dtype=np.int32)
-        out.append((ex, answer, query))
+        out.append((expanded, answer, query))
     return out
+
+
+def _check_grid(frame_counts: list[int], depths: list[float], batch_size: int) -> None:
+    if not frame_counts or min(frame_counts) < 1:
+        raise ValueError(f"frame_counts must be positive integers, got {frame_counts}")
+    if not depths:
+        raise ValueError("depths must not be empty")
+    if len(set(depths)) != len(depths) or len(set(frame_counts)) != len(frame_counts):
+        raise ValueError(f"frame_counts {frame_counts} and depths {depths} must not repeat")
+    for depth in depths:
+        insert_position(1, depth)  # validates the range
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
 
 
 def run_vniah(
@@ -276,87 +147,85 @@ def run_vniah(
       The results dict (see ``results.json``): per-cell scores and per-needle predictions,
       ``scores`` as a [len(depths), len(frame_counts)] list, ``mean_score``.
     """
-    from longvila_jax.eval.forward import TeacherForcedScorer
-
     cfg = model.cfg
     t0 = time.perf_counter()
     frame_counts = [int(n) for n in frame_counts]
     depths = [float(d) for d in depths]
-    if not frame_counts or min(frame_counts) < 1:
-        raise ValueError(f"frame_counts must be positive integers, got {frame_counts}")
-    if not depths:
-        raise ValueError("depths must not be empty")
-    if len(set(depths)) != len(depths) or len(set(frame_counts)) != len(frame_counts):
-        raise ValueError(f"frame_counts {frame_counts} and depths {depths} must not repeat")
-    for d in depths:
-        insert_position(1, d)  # validates the range
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    _check_grid(frame_counts, depths, batch_size)
     template = template or template_for(cfg)
     size = cfg.vision.image_size
     max_n = max(frame_counts)
     if isinstance(haystack, np.ndarray):
         if haystack.shape[0] < max_n:
             raise ValueError(f"haystack: {haystack.shape[0]} frames given, {max_n} needed")
-        hay_frames = haystack[:max_n]
+        haystack_frames = haystack[:max_n]
     else:
-        hay_frames = load_haystack(haystack, max_n, size)
+        haystack_frames = load_haystack(haystack, max_n, size)
     if not isinstance(needles, (list, tuple)):
         needles = load_needles(needles, size)
 
     scorer = TeacherForcedScorer(model, mesh, encode_batch=encode_batch)
-    tpf = cfg.tokens_per_frame
-    # One table: haystack frames 0..max_n-1, then the needles (rows max_n + j).
-    table = scorer.encode(np.concatenate([hay_frames, np.stack([nd.image for nd in needles])]))
+    tokens_per_frame = cfg.tokens_per_frame
+    # One table: haystack frames 0..max_n-1, then the needles (rows max_n + j). Every cell's
+    # prompt only points its frame slots at rows of it; nothing is encoded twice.
+    needle_images = np.stack([needle.image for needle in needles])
+    table = scorer.encode(np.concatenate([haystack_frames, needle_images]))
 
     cells, lengths = [], {}
     for n in frame_counts:
         prompts = _needle_prompts(tokenizer, cfg, needles, n, template, newline_after_frame)
-        length = scorer.padded_length(max(ex.text_ids.shape[1] for ex, _, _ in prompts))
+        # Every prompt of this frame count is padded to one length: one compilation for all.
+        longest = max(expanded.text_ids.shape[1] for expanded, _, _ in prompts)
+        length = scorer.padded_length(longest)
         lengths[n] = length
         per_depth = {d: [] for d in depths}
-        for j, (nd, (ex, answer, query)) in enumerate(zip(needles, prompts, strict=True)):
-            rows = [cell_visual_index(ex.visual_index[0], n, d, max_n + j, tpf) for d in depths]
+        for j, (needle, (expanded, answer, query)) in enumerate(zip(needles, prompts, strict=True)):
+            # The prompt's text is the same at every depth; only where the needle's visual
+            # tokens sit differs, so a batch row per depth differs in visual_index alone.
+            rows = [
+                cell_visual_index(expanded.visual_index[0], n, d, max_n + j, tokens_per_frame)
+                for d in depths
+            ]
             for start in range(0, len(depths), batch_size):
                 chunk = rows[start : start + batch_size]
                 real = len(chunk)
                 chunk = chunk + [chunk[-1]] * (batch_size - real)  # constant batch: one compile
                 b = len(chunk)
                 logits = scorer.logits_at(
-                    np.repeat(ex.text_ids, b, axis=0),
+                    np.repeat(expanded.text_ids, b, axis=0),
                     np.stack(chunk),
                     table,
                     np.repeat(query[None], b, axis=0),
                     pad_to=length,
                 )
-                pred = logits.argmax(-1)
-                logp = _log_softmax(logits)
-                for r in range(real):
-                    text = tokenizer.decode(pred[r].tolist(), skip_special_tokens=False)
+                for r in range(real):  # the padding rows of the last batch are dropped
+                    scored = score_answer(logits[r], answer)
+                    text = tokenizer.decode(
+                        scored.predicted_ids.tolist(), skip_special_tokens=False
+                    )
                     per_depth[depths[start + r]].append(
                         {
-                            "needle": nd.id,
-                            "answer": nd.answer,
+                            "needle": needle.id,
+                            "answer": needle.answer,
                             "prediction": text,
-                            "exact": exact_match(text, nd.answer),
-                            "token_match": bool(np.array_equal(pred[r], answer)),
+                            "exact": exact_match(text, needle.answer),
+                            "token_match": scored.exact_match,
                             # Soft score: log-probability of the whole teacher-forced answer.
-                            "answer_logprob": float(
-                                np.take_along_axis(logp[r], answer[:, None], axis=-1).sum()
-                            ),
+                            "answer_logprob": float(scored.logprobs.sum()),
                         }
                     )
         for d in depths:
-            res = per_depth[d]
+            needle_results = per_depth[d]
+            cell_score = float(np.mean([r["exact"] for r in needle_results]))
             if progress:
-                print(f"frames {n:>6} depth {d:.2f}: {np.mean([r['exact'] for r in res]):.3f}")
+                print(f"frames {n:>6} depth {d:.2f}: {cell_score:.3f}")
             cells.append(
                 {
                     "frames": n,
                     "depth": d,
                     "insert_at": insert_position(n, d),
-                    "score": float(np.mean([r["exact"] for r in res])),
-                    "results": res,
+                    "score": cell_score,
+                    "results": needle_results,
                 }
             )
     score = {(c["frames"], c["depth"]): c["score"] for c in cells}
@@ -364,20 +233,18 @@ def run_vniah(
         "title": title,
         "frame_counts": frame_counts,
         "depths": depths,
-        "needles": [nd.id for nd in needles],
+        "needles": [needle.id for needle in needles],
         "template": template,
         "newline_after_frame": newline_after_frame,
-        "tokens_per_frame": tpf,
+        "tokens_per_frame": tokens_per_frame,
         "sequence_length": {str(n): lengths[n] for n in frame_counts},
         "mesh": None if mesh is None else {k: int(v) for k, v in mesh.shape.items()},
-        "scores": [[score[(n, d)] for n in frame_counts] for d in depths],
+        "scores": [[score[(n, d)] for n in frame_counts] for d in depths],  # rows: depths
         "mean_score": float(np.mean([c["score"] for c in cells])),
         "cells": cells,
         "seconds": round(time.perf_counter() - t0, 2),
     }
     if out_dir is not None:
-        from longvila_jax.eval.report import write_results
-
         write_results(results, out_dir)
     return results
 
@@ -416,8 +283,6 @@ def demo_vniah(
     Returns:
       The :func:`run_vniah` results.
     """
-    from longvila_jax.eval.needles import make_haystack_video, make_needles, write_needles
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     counts = [train_frames * m for m in multiples]
@@ -439,9 +304,36 @@ def demo_vniah(
     )
 
 
+def main(argv: list[str] | None = None) -> int:
+    """``python -m longvila_jax.eval.vniah``; returns the exit status."""
+    parser = argparse.ArgumentParser(prog="python -m longvila_jax.eval.vniah", description="V-NIAH")
+    add_common_arguments(parser)
+    parser.add_argument("--haystack", required=True, help="haystack video (decoded at 1 fps)")
+    parser.add_argument(
+        "--needles", required=True, help="needles folder (longvila_jax.eval.needles)"
+    )
+    parser.add_argument(
+        "--frames", required=True, type=parse_numbers, help="e.g. 8,16 or 300:6000:300"
+    )
+    parser.add_argument(
+        "--depths", type=lambda s: parse_numbers(s, float), default="0,0.2,0.4,0.6,0.8,1"
+    )
+    parser.add_argument("--out", default="vniah_out", help="results folder")
+    parser.add_argument("--batch-size", type=int, default=1, help="depths per forward")
+    parser.add_argument("--title", default="V-NIAH")
+    args = parser.parse_args(argv)
+
+    def evaluate(model, tokenizer, **options) -> str:
+        results = run_vniah(
+            model, tokenizer, args.haystack, args.needles, args.frames, args.depths,
+            out_dir=args.out, batch_size=args.batch_size, title=args.title, progress=True,
+            **options,
+        )  # fmt: skip
+        mean, seconds = results["mean_score"], results["seconds"]
+        return f"V-NIAH mean score {mean:.4f} ({seconds} s); wrote {args.out}"
+
+    return run_command(args, evaluate)
+
+
 if __name__ == "__main__":
-    import sys
-
-    from longvila_jax.eval.cli import vniah_main
-
-    sys.exit(vniah_main())
+    sys.exit(main())

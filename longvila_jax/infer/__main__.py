@@ -16,33 +16,43 @@ line without a traceback; 2 a bad argument.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 
+import jax
+
+from longvila_jax.ckpt.pretrained import load_pretrained, load_tokenizer
 from longvila_jax.core.errors import InputError
+from longvila_jax.data.skips import SampleSkipped
+from longvila_jax.infer.generate import Generator
+from longvila_jax.infer.sampling import SamplingParams
+from longvila_jax.parallel.mesh import load_mesh_config, make_mesh
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    parser = argparse.ArgumentParser(
         prog="python -m longvila_jax.infer",
         description=__doc__.splitlines()[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("question", help="the question about the video")
-    p.add_argument("--model", required=True, help="project checkpoint or VILA-layout directory")
-    p.add_argument("--video", required=True, help="video file")
-    p.add_argument("--frames", type=int, default=8, help="frames to sample (max with --fps)")
-    p.add_argument("--fps", type=float, default=0.0, help="sample about this many frames/s")
-    p.add_argument("--mesh", help="mesh file (configs/mesh/*.yaml); default one device")
-    p.add_argument("--cpu-devices", type=int, help="simulate this many CPU devices (testing)")
-    p.add_argument("--tokenizer", help="tokenizer directory (default: from --model)")
-    p.add_argument("--dtype", help="parameter/compute dtype, e.g. bfloat16 (default: config)")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--stop", action="append", default=[], help="extra stop token (repeatable)")
-    return p
+    parser.add_argument("question", help="the question about the video")
+    parser.add_argument(
+        "--model", required=True, help="project checkpoint or VILA-layout directory"
+    )
+    parser.add_argument("--video", required=True, help="video file")
+    parser.add_argument("--frames", type=int, default=8, help="frames to sample (max with --fps)")
+    parser.add_argument("--fps", type=float, default=0.0, help="sample about this many frames/s")
+    parser.add_argument("--mesh", help="mesh file (configs/mesh/*.yaml); default one device")
+    parser.add_argument("--cpu-devices", type=int, help="simulate this many CPU devices (testing)")
+    parser.add_argument("--tokenizer", help="tokenizer directory (default: from --model)")
+    parser.add_argument("--dtype", help="parameter/compute dtype, e.g. bfloat16 (default: config)")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--stop", action="append", default=[], help="extra stop token (repeatable)")
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,33 +61,29 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --frames must be >= 1", file=sys.stderr)
         return 2
     if args.cpu_devices:
-        # Must happen before jax initialises its backends (jax is imported lazily below).
-        os.environ.setdefault("JAX_PLATFORMS", "cpu")
-        import jax
-
+        # Simulated devices are CPU devices. ``python -m`` has imported jax already (through
+        # the package), so JAX_PLATFORMS is no longer read: the platform is set in jax's config,
+        # which counts until a backend starts (importing jax starts none).
+        if not os.environ.get("JAX_PLATFORMS"):
+            jax.config.update("jax_platforms", "cpu")
         jax.config.update("jax_num_cpu_devices", args.cpu_devices)
-    from longvila_jax.ckpt.pretrained import load_pretrained, load_tokenizer
-    from longvila_jax.data.skips import SampleSkipped
-    from longvila_jax.infer.generate import Generator
-    from longvila_jax.parallel.mesh import load_mesh_config, make_mesh
-
     try:
+        # Every SamplingParams field is the flag of the same name (--max-new-tokens ...).
+        fields = dataclasses.fields(SamplingParams)
+        sampling = SamplingParams(**{field.name: getattr(args, field.name) for field in fields})
         mesh_cfg = load_mesh_config(args.mesh) if args.mesh else None
         mesh = make_mesh(mesh_cfg) if mesh_cfg else None
         model = load_pretrained(args.model, dtype=args.dtype)
-        tok = load_tokenizer(args.tokenizer or args.model)
-        gen = Generator(model, tok, mesh=mesh, block_size=mesh_cfg.block_size if mesh_cfg else 1)
-        result = gen.generate(
+        tokenizer = load_tokenizer(args.tokenizer or args.model)
+        block_size = mesh_cfg.block_size if mesh_cfg else 1
+        generator = Generator(model, tokenizer, mesh=mesh, block_size=block_size)
+        result = generator.generate(
             args.question,
             video=args.video,
             num_frames=args.frames,
             fps=args.fps,
-            max_new_tokens=args.max_new_tokens,
-            temperature=args.temperature,
-            top_p=args.top_p,
-            seed=args.seed,
-            stop=args.stop,
-            on_text=lambda s: print(s, end="", flush=True),
+            sampling=sampling,
+            on_text=lambda piece: print(piece, end="", flush=True),
         )
     except (InputError, SampleSkipped, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -118,15 +118,15 @@ class SeqMesh:
             )
 
 
-def cache_specs(sm: SeqMesh) -> KVCache:
+def cache_specs(seq_mesh: SeqMesh) -> KVCache:
     """PartitionSpecs of a :class:`KVCache` (a KVCache of specs, usable as shard_map specs)."""
-    kv = sm.spec(None, "batch", "seq", None, None)
-    meta = sm.spec("batch", "seq")
+    kv = seq_mesh.spec(None, "batch", "seq", None, None)
+    meta = seq_mesh.spec("batch", "seq")
     return KVCache(kv, kv, meta, meta, P())
 
 
-def cache_shardings(sm: SeqMesh) -> KVCache:
-    return jax.tree.map(lambda s: NamedSharding(sm.mesh, s), cache_specs(sm))
+def cache_shardings(seq_mesh: SeqMesh) -> KVCache:
+    return jax.tree.map(lambda s: NamedSharding(seq_mesh.mesh, s), cache_specs(seq_mesh))
 
 
 def new_slots_per_shard(max_new_tokens: int, num_shards: int, multiple: int = 8) -> int:
@@ -143,7 +143,7 @@ def cache_from_prefill(
     v: jax.Array,
     positions: jax.Array,
     segment_ids: jax.Array,
-    sm: SeqMesh,
+    seq_mesh: SeqMesh,
     new_slots: int,
 ) -> KVCache:
     """Builds the cache from the prefill's K/V, each shard padding its own piece (no traffic).
@@ -152,17 +152,17 @@ def cache_from_prefill(
       k, v: [layers, batch, T_p, kv_heads, head_dim] post-RoPE keys and values in the 2D zigzag
         layout, sequence-sharded over (ring, ulysses) as the prefill produced them.
       positions, segment_ids: [batch, T_p] int32 of the laid-out prompt (segment 0 = padding).
-      sm: the mesh.
+      seq_mesh: the mesh.
       new_slots: spare slots per shard for decoded tokens (``new_slots_per_shard``).
 
     Returns:
       A :class:`KVCache` with C = T_p / N + new_slots slots per shard.
     """
     t = k.shape[2]
-    n = sm.num_shards
+    n = seq_mesh.num_shards
     if t % n:
         raise ValueError(f"prefill length {t} is not divisible by the {n} sequence shards")
-    specs = cache_specs(sm)
+    specs = cache_specs(seq_mesh)
 
     def body(k, v, pos, seg):
         pad5 = ((0, 0), (0, 0), (0, new_slots), (0, 0), (0, 0))
@@ -176,7 +176,7 @@ def cache_from_prefill(
 
     k, v, pos, seg = jax.shard_map(
         body,
-        mesh=sm.mesh,
+        mesh=seq_mesh.mesh,
         in_specs=(specs.k, specs.v, specs.positions, specs.segment_ids),
         out_specs=(specs.k, specs.v, specs.positions, specs.segment_ids),
     )(k, v, positions.astype(jnp.int32), segment_ids.astype(jnp.int32))

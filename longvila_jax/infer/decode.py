@@ -56,9 +56,9 @@ def combine_partials(o: jax.Array, lse: jax.Array, axes: tuple[str, ...]) -> jax
     return total[..., :-1] / total[..., -1:]
 
 
-def _local_attention(q, k, v, kv_seg, kv_pos, q_seg, q_pos, scale, sm: SeqMesh, combine: str):
+def _local_attention(q, k, v, kv_seg, kv_pos, q_seg, q_pos, scale, seq_mesh: SeqMesh, combine: str):
     if combine == "gather":
-        axes = sm.seq_axes
+        axes = seq_mesh.seq_axes
         if axes:
             k, v, kv_seg, kv_pos = (
                 jax.lax.all_gather(x, axes, axis=1, tiled=True) for x in (k, v, kv_seg, kv_pos)
@@ -66,7 +66,7 @@ def _local_attention(q, k, v, kv_seg, kv_pos, q_seg, q_pos, scale, sm: SeqMesh, 
         o, _ = block_forward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, causal=True, scale=scale)
         return o
     o, lse = block_forward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, causal=True, scale=scale)
-    return combine_partials(o, lse, sm.seq_axes)
+    return combine_partials(o, lse, seq_mesh.seq_axes)
 
 
 def decode_step_local(
@@ -76,7 +76,7 @@ def decode_step_local(
     positions: jax.Array,
     step: jax.Array,
     *,
-    sm: SeqMesh,
+    seq_mesh: SeqMesh,
     combine: str = "lse",
 ) -> tuple[KVCache, jax.Array]:
     """The body of the decode ``shard_map`` (local shapes; B_l = batch per batch shard).
@@ -87,14 +87,14 @@ def decode_step_local(
       tokens: [B_l] int32 ids of the tokens to append (the last sampled ones).
       positions: [B_l] int32 their natural positions.
       step: int32 scalar decode step (0 for the first token after the prompt).
-      sm: the mesh; combine: "lse" (local attention + LSE merge) or "gather" (baseline).
+      seq_mesh: the mesh; combine: "lse" (local attention + LSE merge) or "gather" (baseline).
 
     Returns:
       (updated local cache, logits [B_l, vocab] fp32 of the next token).
     """
-    lc = model.cfg.llm
-    owner, offset = append_slot(step, cache.base, sm.num_shards)
-    mine = sm.shard_index() == owner
+    llm_cfg = model.cfg.llm
+    owner, offset = append_slot(step, cache.base, seq_mesh.num_shards)
+    mine = seq_mesh.shard_index() == owner
     q_pos = positions[:, None].astype(jnp.int32)
     q_seg = jnp.ones_like(q_pos)
     zero = jnp.zeros((), jnp.int32)
@@ -102,27 +102,38 @@ def decode_step_local(
     kv_seg = write_local(cache.segment_ids, q_seg, (zero, offset), mine)
 
     x = model.llm.embed(tokens[:, None]).astype(jnp.dtype(model.cfg.compute_dtype))
-    cos, sin = rope_tables(q_pos, lc.dim_per_head, lc.rope_theta, lc.rope_position_scale)
+    cos, sin = rope_tables(
+        q_pos, llm_cfg.dim_per_head, llm_cfg.rope_theta, llm_cfg.rope_position_scale
+    )
     layers_def, layers_state = nnx.split(model.llm.layers)
     view = (1, *cache.k.shape[1:])
 
     def body(carry, xs):
         # The whole cache is carried and updated by one-token writes; scanning it as xs/ys
         # would rewrite every layer's cache on every token.
-        x, ck, cv = carry
+        x, cache_k, cache_v = carry
         layer_state, i = xs
         layer = nnx.merge(layers_def, layer_state)
         out = {}
 
         def attend(q, k, v, *, segment_ids, positions, causal, scale):
-            ck2 = write_local(ck, k[None], (i, zero, offset, zero, zero), mine)
-            cv2 = write_local(cv, v[None], (i, zero, offset, zero, zero), mine)
-            k_l = jax.lax.dynamic_slice(ck2, (i, zero, zero, zero, zero), view)[0]
-            v_l = jax.lax.dynamic_slice(cv2, (i, zero, zero, zero, zero), view)[0]
+            written_k = write_local(cache_k, k[None], (i, zero, offset, zero, zero), mine)
+            written_v = write_local(cache_v, v[None], (i, zero, offset, zero, zero), mine)
+            layer_k = jax.lax.dynamic_slice(written_k, (i, zero, zero, zero, zero), view)[0]
+            layer_v = jax.lax.dynamic_slice(written_v, (i, zero, zero, zero, zero), view)[0]
             o = _local_attention(
-                q, k_l, v_l, kv_seg, kv_pos, segment_ids, positions, scale, sm, combine
+                q,
+                layer_k,
+                layer_v,
+                kv_seg,
+                kv_pos,
+                segment_ids,
+                positions,
+                scale,
+                seq_mesh,
+                combine,
             )
-            out["cache"] = (ck2, cv2)  # returned through the scan carry below
+            out["cache"] = (written_k, written_v)  # returned through the scan carry below
             return o.astype(q.dtype)
 
         x = layer(x, cos, sin, q_pos, q_seg, attend)
@@ -135,31 +146,33 @@ def decode_step_local(
 
 
 def decode_step_fn(
-    graphdef, sm: SeqMesh, *, combine: str = "lse"
+    graphdef, seq_mesh: SeqMesh, *, combine: str = "lse"
 ) -> Callable[..., tuple[KVCache, jax.Array]]:
     """Unjitted ``step(state, cache, tokens[B], positions[B], step) -> (cache, logits[B, V])``
     (one ``shard_map`` over the mesh), for embedding in a larger jitted function.
 
     Args:
       graphdef: ``nnx.split(model)[0]`` of the ``LongVILA`` model; ``state`` is its state.
-      sm: the mesh.
+      seq_mesh: the mesh.
       combine: "lse" (MM-SP decode) or "gather" (all-gather baseline).
     """
     if combine not in COMBINES:
         raise ValueError(f"combine must be one of {COMBINES}, got {combine!r}")
-    specs = cache_specs(sm)
-    batch = sm.spec("batch")
+    specs = cache_specs(seq_mesh)
+    batch = seq_mesh.spec("batch")
 
     def body(state, cache, tokens, positions, step):
         model = nnx.merge(graphdef, state)
-        return decode_step_local(model, cache, tokens, positions, step, sm=sm, combine=combine)
+        return decode_step_local(
+            model, cache, tokens, positions, step, seq_mesh=seq_mesh, combine=combine
+        )
 
     def step_fn(state, cache, tokens, positions, step):
         return jax.shard_map(
             body,
-            mesh=sm.mesh,
+            mesh=seq_mesh.mesh,
             in_specs=(P(), specs, batch, batch, P()),
-            out_specs=(specs, sm.spec("batch", None)),
+            out_specs=(specs, seq_mesh.spec("batch", None)),
             check_vma=False,
         )(state, cache, tokens.astype(jnp.int32), positions.astype(jnp.int32), step)
 
@@ -167,13 +180,13 @@ def decode_step_fn(
 
 
 def make_decode_step(
-    graphdef, sm: SeqMesh, *, combine: str = "lse", compiler_options: dict | None = None
+    graphdef, seq_mesh: SeqMesh, *, combine: str = "lse", compiler_options: dict | None = None
 ) -> Callable[..., tuple[KVCache, jax.Array]]:
     """:func:`decode_step_fn` under ``jax.jit``; the cache argument is donated (updated in
     place). Shapes are static for a given cache, so the step compiles once per (batch, cache
     capacity). ``compiler_options`` go to ``jax.jit``.
     """
-    step_fn = decode_step_fn(graphdef, sm, combine=combine)
+    step_fn = decode_step_fn(graphdef, seq_mesh, combine=combine)
     return jax.jit(step_fn, donate_argnums=(1,), compiler_options=compiler_options)
 
 

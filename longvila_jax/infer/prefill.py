@@ -1,7 +1,7 @@
 """MM-SP prefill: the prompt runs through the LLM in the 2D zigzag layout and fills the KV cache.
 
 Host side (:func:`layout_prompts`): each prompt row is expanded (``<image>`` -> visual slots,
-``models.vlm.expand_inputs``), right-padded to a common length T_p that is a multiple of
+``models.vlm.expand_prompts``), right-padded to a common length T_p that is a multiple of
 2 * R * U (times the attention block), and permuted once with the 2D zigzag layout. Only integer
 arrays are permuted: the embedding gather of :meth:`LongVILA.embed` then produces the
 activations directly in layout order, so no activation is ever permuted.
@@ -28,7 +28,7 @@ from flax import nnx
 from longvila_jax.core.attention import AttentionFn
 from longvila_jax.infer.cache import KVCache, SeqMesh, cache_from_prefill
 from longvila_jax.models.llm import rope_tables
-from longvila_jax.models.vlm import expand_inputs
+from longvila_jax.models.vlm import expand_prompts
 from longvila_jax.parallel.layouts import apply_layout, inverse_permutation, zigzag_2d_permutation
 
 
@@ -56,11 +56,11 @@ class LaidOutPrompts:
         return self.inv[np.asarray(natural)]
 
 
-def padded_length(length: int, sm: SeqMesh, block_size: int = 1, bucket: int = 64) -> int:
+def padded_length(length: int, seq_mesh: SeqMesh, block_size: int = 1, bucket: int = 64) -> int:
     """Smallest T_p >= length that the MM-SP kernel accepts (multiple of 2*R*U*block_size) and
     that is a multiple of ``bucket`` (so similar prompt lengths share one compilation)."""
-    mult = math.lcm(2 * sm.num_shards * block_size, bucket)
-    return max(mult, -(-length // mult) * mult)
+    multiple = math.lcm(2 * seq_mesh.num_shards * block_size, bucket)
+    return max(multiple, -(-length // multiple) * multiple)
 
 
 def layout_prompts(
@@ -70,7 +70,7 @@ def layout_prompts(
     image_token_id: int,
     tokens_per_frame: int,
     vocab_size: int,
-    sm: SeqMesh,
+    seq_mesh: SeqMesh,
     block_size: int = 1,
     bucket: int = 64,
 ) -> LaidOutPrompts:
@@ -80,7 +80,7 @@ def layout_prompts(
       rows: B 1-D int token arrays, each with one ``image_token_id`` per frame of that row.
       frames_per_row: frames of each row; the frames of all rows are concatenated in row order.
       image_token_id, tokens_per_frame, vocab_size: from the model config.
-      sm: the mesh (R, U decide the layout).
+      seq_mesh: the mesh (R, U decide the layout).
       block_size, bucket: see :func:`padded_length`.
 
     Returns:
@@ -98,7 +98,7 @@ def layout_prompts(
             raise ValueError(f"prompt row {i} must be a non-empty 1-D token array, got {ids.shape}")
         try:
             expanded.append(
-                expand_inputs(
+                expand_prompts(
                     ids[None],
                     num_frames=int(n),
                     image_token_id=image_token_id,
@@ -108,27 +108,27 @@ def layout_prompts(
             )
         except ValueError as e:
             raise ValueError(f"prompt row {i}: {e}") from None
-    lengths = np.array([int(e.segment_ids.sum()) for e in expanded], np.int32)
-    t_p = padded_length(int(lengths.max()), sm, block_size, bucket)
+    lengths = np.array([int(row.segment_ids.sum()) for row in expanded], np.int32)
+    t_p = padded_length(int(lengths.max()), seq_mesh, block_size, bucket)
     b = len(rows)
     text = np.zeros((b, t_p), np.int32)
-    vis = np.full((b, t_p), -1, np.int32)
-    seg = np.zeros((b, t_p), np.int32)
-    frame_offset = 0
-    for i, (e, n) in enumerate(zip(expanded, frames_per_row, strict=True)):
+    visual = np.full((b, t_p), -1, np.int32)
+    segments = np.zeros((b, t_p), np.int32)  # 0 = right padding
+    frame_offset = 0  # the frames of all rows form one table, in row order
+    for i, (row, n) in enumerate(zip(expanded, frames_per_row, strict=True)):
         t = lengths[i]
-        text[i, :t] = e.text_ids[0]
-        vi = e.visual_index[0]
-        vis[i, :t] = np.where(vi >= 0, vi + frame_offset * tokens_per_frame, -1)
-        seg[i, :t] = 1
+        text[i, :t] = row.text_ids[0]
+        row_visual = row.visual_index[0]
+        visual[i, :t] = np.where(row_visual >= 0, row_visual + frame_offset * tokens_per_frame, -1)
+        segments[i, :t] = 1
         frame_offset += int(n)
-    pos = np.broadcast_to(np.arange(t_p, dtype=np.int32), (b, t_p))
-    perm = zigzag_2d_permutation(t_p, sm.ring, sm.ulysses)
+    positions = np.broadcast_to(np.arange(t_p, dtype=np.int32), (b, t_p))
+    perm = zigzag_2d_permutation(t_p, seq_mesh.ring, seq_mesh.ulysses)
     return LaidOutPrompts(
         apply_layout(text, perm),
-        apply_layout(vis, perm),
-        apply_layout(pos, perm),
-        apply_layout(seg, perm),
+        apply_layout(visual, perm),
+        apply_layout(positions, perm),
+        apply_layout(segments, perm),
         lengths,
         perm,
         inverse_permutation(perm),
@@ -145,9 +145,9 @@ def run_prefill(
     logits_index: jax.Array,
     *,
     attn_fn: AttentionFn,
-    sm: SeqMesh,
-    new_slots: int | None,
-) -> tuple[KVCache | None, jax.Array]:
+    seq_mesh: SeqMesh,
+    new_slots: int,
+) -> tuple[KVCache, jax.Array]:
     """Traceable prefill of a ``LongVILA`` model (call under ``jax.jit``).
 
     Args:
@@ -156,16 +156,18 @@ def run_prefill(
       pixel_values: [N, H, W, C] normalised frames of all rows, or None.
       logits_index: [B, K] int32 laid-out indices whose logits are wanted.
       attn_fn: the MM-SP attention (any ``AttentionFn`` for the layout).
-      sm: the mesh; new_slots: spare cache slots per shard, None = build no cache.
+      seq_mesh: the mesh; new_slots: spare cache slots per shard for decoded tokens.
 
     Returns:
-      (cache or None, logits [B, K, vocab] fp32).
+      (cache, logits [B, K, vocab] fp32).
     """
-    lc = model.cfg.llm
+    llm_cfg = model.cfg.llm
     visual = None if pixel_values is None else model.encode_frames(pixel_values)
     x = model.embed(text_ids, visual_index, visual).astype(jnp.dtype(model.cfg.compute_dtype))
-    cos, sin = rope_tables(positions, lc.dim_per_head, lc.rope_theta, lc.rope_position_scale)
-    kv_sharding = sm.sharding("batch", "seq", None, None)
+    cos, sin = rope_tables(
+        positions, llm_cfg.dim_per_head, llm_cfg.rope_theta, llm_cfg.rope_position_scale
+    )
+    kv_sharding = seq_mesh.sharding("batch", "seq", None, None)
     layers_def, layers_state = nnx.split(model.llm.layers)
 
     def body(x, layer_state):
@@ -184,22 +186,21 @@ def run_prefill(
         return x, tap["kv"]
 
     x, (k, v) = jax.lax.scan(body, x, layers_state)
-    h = model.llm.norm(x)
-    picked = jnp.take_along_axis(h, logits_index[..., None].astype(jnp.int32), axis=1)
+    hidden = model.llm.norm(x)
+    picked = jnp.take_along_axis(hidden, logits_index[..., None].astype(jnp.int32), axis=1)
     logits = model.llm.logits(picked)
-    if new_slots is None:
-        return None, logits
-    return cache_from_prefill(k, v, positions, segment_ids, sm, new_slots), logits
+    return cache_from_prefill(k, v, positions, segment_ids, seq_mesh, new_slots), logits
 
 
 def make_prefill(
-    graphdef, attn_fn: AttentionFn, sm: SeqMesh, *, compiler_options: dict | None = None
-) -> Callable[..., tuple[KVCache | None, jax.Array]]:
+    graphdef, attn_fn: AttentionFn, seq_mesh: SeqMesh, *, compiler_options: dict | None = None
+) -> Callable[..., tuple[KVCache, jax.Array]]:
     """Jitted ``prefill(state, text_ids, visual_index, pixel_values, positions, segment_ids,
     logits_index, new_slots=...) -> (cache, logits)`` for a split ``LongVILA`` (``nnx.split``).
 
-    ``new_slots`` is static (None skips the cache, e.g. for teacher-forced scoring); everything
-    else is traced, so one compilation serves every prompt of the same padded shape.
+    ``new_slots`` is static; everything else is traced, so one compilation serves every prompt
+    of the same padded shape and token budget (teacher-forced scoring, which needs no cache,
+    is ``infer.scoring``).
     ``compiler_options`` go to ``jax.jit`` (tests lower XLA's optimisation level).
     """
 
@@ -216,7 +217,7 @@ def make_prefill(
             segment_ids,
             logits_index,
             attn_fn=attn_fn,
-            sm=sm,
+            seq_mesh=seq_mesh,
             new_slots=new_slots,
         )
 

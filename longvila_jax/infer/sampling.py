@@ -1,4 +1,5 @@
-"""Next-token selection: greedy, temperature and nucleus (top-p) sampling, on device.
+"""Next-token selection: greedy, temperature and nucleus (top-p) sampling, on device, and the
+:class:`SamplingParams` of a request.
 
 ``temperature`` and ``top_p`` are traced scalars, so changing them never recompiles: a
 temperature of 0 selects greedy decoding through ``lax.cond`` (the sort needed by top-p is then
@@ -6,6 +7,8 @@ not executed). Randomness is a pure function of (seed, step), so a run is reprod
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +20,38 @@ def check_sampling(temperature: float, top_p: float) -> None:
         raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
     if not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """How the tokens of one generation request are chosen and when generation stops.
+
+    Checked when built (``ValueError`` naming the field), so a bad setting fails before any
+    video is decoded or anything is compiled.
+
+    Attributes:
+      max_new_tokens: generation budget, >= 1 (the stop token counts).
+      temperature: 0 = greedy (argmax); otherwise the logits are divided by it.
+      top_p: nucleus mass in (0, 1]; 1 disables the cut.
+      seed: PRNG seed; the same seed and inputs give the same tokens.
+      stop: extra stop tokens (ids, or strings that are one token each) besides the chat
+        template's end token and the tokenizer's EOS; a list is stored as a tuple.
+    """
+
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+    stop: tuple[int | str, ...] = ()
+
+    def __post_init__(self):
+        check_sampling(self.temperature, self.top_p)
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        object.__setattr__(self, "stop", tuple(self.stop))  # frozen: the one normalisation
+
+
+GREEDY = SamplingParams()  # the default: greedy decoding of up to 128 tokens
 
 
 def nucleus_mask(logits: jax.Array, top_p: jax.Array) -> jax.Array:
@@ -74,4 +109,11 @@ def step_key(seed: int | jax.Array, step: int | jax.Array) -> jax.Array:
     return jax.random.fold_in(jax.random.key(seed), step)
 
 
-__all__ = ["check_sampling", "nucleus_mask", "sample_logits", "step_key"]
+__all__ = [
+    "GREEDY",
+    "SamplingParams",
+    "check_sampling",
+    "nucleus_mask",
+    "sample_logits",
+    "step_key",
+]

@@ -4,7 +4,7 @@ from longvila_jax.core.attention import AttentionFn, dense_attention
 from longvila_jax.models.llm import LLM
 from longvila_jax.models.projector import Projector
 from longvila_jax.models.vision import VisionTower
-from longvila_jax.models.vlm import ExpandedInputs, LongVILA, expand_inputs
+from longvila_jax.models.vlm import ExpandedInputs, LongVILA, expand_prompts
 
 __all__ = [
     "LLM",
@@ -14,5 +14,5 @@ __all__ = [
     "Projector",
     "VisionTower",
     "dense_attention",
-    "expand_inputs",
+    "expand_prompts",
 ]

@@ -32,11 +32,6 @@ REMAT_POLICIES: dict[str, Callable[..., Any] | None] = {
 }
 
 
-def to_dtype(name: str | jnp.dtype) -> jnp.dtype:
-    """Config dtype name ("float32", "bfloat16", ...) -> numpy/jax dtype."""
-    return jnp.dtype(name)
-
-
 def _normal(rngs: nnx.Rngs, shape: tuple[int, ...], dtype: jnp.dtype, std: float) -> jax.Array:
     return (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
 
@@ -68,10 +63,10 @@ class Dense(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """[..., in] -> [..., out] in compute dtype."""
-        cd = self.compute_dtype
-        y = jnp.einsum("...i,io->...o", x.astype(cd), self.kernel[...].astype(cd))
+        dtype = self.compute_dtype
+        y = jnp.einsum("...i,io->...o", x.astype(dtype), self.kernel[...].astype(dtype))
         if self.bias is not None:
-            y = y + self.bias[...].astype(cd)
+            y = y + self.bias[...].astype(dtype)
         return y
 
 
@@ -94,10 +89,10 @@ class LayerNorm(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """[..., dim] -> [..., dim] in compute dtype."""
-        xf = x.astype(jnp.float32)
-        mean = jnp.mean(xf, axis=-1, keepdims=True)
-        var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
-        y = (xf - mean) * jax.lax.rsqrt(var + self.eps)
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
         y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
         return y.astype(self.compute_dtype)
 
@@ -120,9 +115,9 @@ class RMSNorm(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """[..., dim] -> [..., dim] in compute dtype."""
-        xf = x.astype(jnp.float32)
-        var = jnp.mean(jnp.square(xf), axis=-1, keepdims=True)
-        y = (xf * jax.lax.rsqrt(var + self.eps)).astype(self.compute_dtype)
+        x32 = x.astype(jnp.float32)
+        var = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
+        y = (x32 * jax.lax.rsqrt(var + self.eps)).astype(self.compute_dtype)
         return self.scale[...].astype(self.compute_dtype) * y
 
 
@@ -151,8 +146,8 @@ class Embed(nnx.Module):
 
     def attend(self, x: jax.Array) -> jax.Array:
         """[..., dim] -> [..., num_embeddings]: x @ embedding.T."""
-        cd = self.compute_dtype
-        return jnp.einsum("...d,vd->...v", x.astype(cd), self.embedding[...].astype(cd))
+        dtype = self.compute_dtype
+        return jnp.einsum("...d,vd->...v", x.astype(dtype), self.embedding[...].astype(dtype))
 
 
 def gelu(x: jax.Array, act: str) -> jax.Array:

@@ -50,24 +50,25 @@ def rope_tables(
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     """x [B, T, H, D] rotated by cos/sin [B, T, D] (``rotate_half`` convention), in x's dtype."""
-    xf = x.astype(jnp.float32)
+    x32 = x.astype(jnp.float32)
     half = x.shape[-1] // 2
-    rotated = jnp.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)
-    return (xf * cos[:, :, None] + rotated * sin[:, :, None]).astype(x.dtype)
+    rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
+    return (x32 * cos[:, :, None] + rotated * sin[:, :, None]).astype(x.dtype)
 
 
 class Attention(nnx.Module):
     """GQA self-attention (``num_key_value_heads`` <= ``num_attention_heads``, MQA at 1)."""
 
-    def __init__(self, lc: LLMConfig, *, param_dtype, compute_dtype, rngs: nnx.Rngs):
-        d, hd = lc.hidden_size, lc.dim_per_head
-        h, hkv = lc.num_attention_heads, lc.num_key_value_heads
-        kw = dict(param_dtype=param_dtype, compute_dtype=compute_dtype, rngs=rngs)
-        self.num_heads, self.num_kv_heads, self.head_dim = h, hkv, hd
-        self.q_proj = Dense(d, h * hd, axes=(EMBED, HEADS), use_bias=lc.qkv_bias, **kw)
-        self.k_proj = Dense(d, hkv * hd, axes=(EMBED, KV_HEADS), use_bias=lc.qkv_bias, **kw)
-        self.v_proj = Dense(d, hkv * hd, axes=(EMBED, KV_HEADS), use_bias=lc.qkv_bias, **kw)
-        self.o_proj = Dense(h * hd, d, axes=(HEADS, EMBED), use_bias=lc.o_bias, **kw)
+    def __init__(self, llm_cfg: LLMConfig, *, param_dtype, compute_dtype, rngs: nnx.Rngs):
+        d, head_dim = llm_cfg.hidden_size, llm_cfg.dim_per_head
+        h, hkv = llm_cfg.num_attention_heads, llm_cfg.num_key_value_heads
+        kwargs = dict(param_dtype=param_dtype, compute_dtype=compute_dtype, rngs=rngs)
+        self.num_heads, self.num_kv_heads, self.head_dim = h, hkv, head_dim
+        qkv_kwargs = dict(use_bias=llm_cfg.qkv_bias, **kwargs)
+        self.q_proj = Dense(d, h * head_dim, axes=(EMBED, HEADS), **qkv_kwargs)
+        self.k_proj = Dense(d, hkv * head_dim, axes=(EMBED, KV_HEADS), **qkv_kwargs)
+        self.v_proj = Dense(d, hkv * head_dim, axes=(EMBED, KV_HEADS), **qkv_kwargs)
+        self.o_proj = Dense(h * head_dim, d, axes=(HEADS, EMBED), use_bias=llm_cfg.o_bias, **kwargs)
 
     def __call__(
         self,
@@ -98,12 +99,12 @@ class Attention(nnx.Module):
 class SwiGLU(nnx.Module):
     """``down(silu(gate(x)) * up(x))``."""
 
-    def __init__(self, lc: LLMConfig, *, param_dtype, compute_dtype, rngs: nnx.Rngs):
-        d, f = lc.hidden_size, lc.intermediate_size
-        kw = dict(param_dtype=param_dtype, compute_dtype=compute_dtype, rngs=rngs)
-        self.gate_proj = Dense(d, f, axes=(EMBED, MLP), use_bias=lc.mlp_bias, **kw)
-        self.up_proj = Dense(d, f, axes=(EMBED, MLP), use_bias=lc.mlp_bias, **kw)
-        self.down_proj = Dense(f, d, axes=(MLP, EMBED), use_bias=lc.mlp_bias, **kw)
+    def __init__(self, llm_cfg: LLMConfig, *, param_dtype, compute_dtype, rngs: nnx.Rngs):
+        d, f = llm_cfg.hidden_size, llm_cfg.intermediate_size
+        kwargs = dict(param_dtype=param_dtype, compute_dtype=compute_dtype, rngs=rngs)
+        self.gate_proj = Dense(d, f, axes=(EMBED, MLP), use_bias=llm_cfg.mlp_bias, **kwargs)
+        self.up_proj = Dense(d, f, axes=(EMBED, MLP), use_bias=llm_cfg.mlp_bias, **kwargs)
+        self.down_proj = Dense(f, d, axes=(MLP, EMBED), use_bias=llm_cfg.mlp_bias, **kwargs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -112,12 +113,14 @@ class SwiGLU(nnx.Module):
 class DecoderLayer(nnx.Module):
     """``x += attn(RMSNorm(x)); x += mlp(RMSNorm(x))``."""
 
-    def __init__(self, lc: LLMConfig, *, param_dtype, compute_dtype, rngs: nnx.Rngs):
-        kw = dict(param_dtype=param_dtype, compute_dtype=compute_dtype)
-        self.input_layernorm = RMSNorm(lc.hidden_size, eps=lc.rms_norm_eps, **kw)
-        self.self_attn = Attention(lc, rngs=rngs, **kw)
-        self.post_attention_layernorm = RMSNorm(lc.hidden_size, eps=lc.rms_norm_eps, **kw)
-        self.mlp = SwiGLU(lc, rngs=rngs, **kw)
+    def __init__(self, llm_cfg: LLMConfig, *, param_dtype, compute_dtype, rngs: nnx.Rngs):
+        kwargs = dict(param_dtype=param_dtype, compute_dtype=compute_dtype)
+        self.input_layernorm = RMSNorm(llm_cfg.hidden_size, eps=llm_cfg.rms_norm_eps, **kwargs)
+        self.self_attn = Attention(llm_cfg, rngs=rngs, **kwargs)
+        self.post_attention_layernorm = RMSNorm(
+            llm_cfg.hidden_size, eps=llm_cfg.rms_norm_eps, **kwargs
+        )
+        self.mlp = SwiGLU(llm_cfg, rngs=rngs, **kwargs)
 
     def __call__(self, x, cos, sin, positions, segment_ids, attn_fn: AttentionFn) -> jax.Array:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, segment_ids, attn_fn)
@@ -134,21 +137,24 @@ class LLM(nnx.Module):
     """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, attn_fn: AttentionFn = dense_attention):
-        lc = cfg.llm
+        llm_cfg = cfg.llm
         self.cfg = cfg
         self.attn_fn = attn_fn
-        pd, cd = jnp.dtype(cfg.param_dtype), jnp.dtype(cfg.compute_dtype)
-        kw = dict(param_dtype=pd, compute_dtype=cd)
-        d = lc.hidden_size
-        self.embed_tokens = Embed(lc.vocab_size, d, axes=(VOCAB, EMBED), rngs=rngs, **kw)
-        self.layers = stack_layers(
-            lambda r: DecoderLayer(lc, rngs=r, **kw), lc.num_hidden_layers, rngs
+        kwargs = dict(
+            param_dtype=jnp.dtype(cfg.param_dtype), compute_dtype=jnp.dtype(cfg.compute_dtype)
         )
-        self.norm = RMSNorm(d, eps=lc.rms_norm_eps, **kw)
+        d = llm_cfg.hidden_size
+        self.embed_tokens = Embed(llm_cfg.vocab_size, d, axes=(VOCAB, EMBED), rngs=rngs, **kwargs)
+        self.layers = stack_layers(
+            lambda r: DecoderLayer(llm_cfg, rngs=r, **kwargs), llm_cfg.num_hidden_layers, rngs
+        )
+        self.norm = RMSNorm(d, eps=llm_cfg.rms_norm_eps, **kwargs)
         self.lm_head = (
             None
-            if lc.tie_word_embeddings
-            else Dense(d, lc.vocab_size, axes=(EMBED, VOCAB), use_bias=False, rngs=rngs, **kw)
+            if llm_cfg.tie_word_embeddings
+            else Dense(
+                d, llm_cfg.vocab_size, axes=(EMBED, VOCAB), use_bias=False, rngs=rngs, **kwargs
+            )
         )
 
     def embed(self, input_ids: jax.Array) -> jax.Array:
@@ -188,12 +194,14 @@ class LLM(nnx.Module):
         for name, arr in (("positions", positions), ("segment_ids", segment_ids)):
             if tuple(arr.shape) != (b, t):
                 raise ValueError(f"{name} must have shape {(b, t)}, got {tuple(arr.shape)}")
-        lc = self.cfg.llm
-        cos, sin = rope_tables(positions, lc.dim_per_head, lc.rope_theta, lc.rope_position_scale)
-        fn = attn_fn or self.attn_fn
+        llm_cfg = self.cfg.llm
+        cos, sin = rope_tables(
+            positions, llm_cfg.dim_per_head, llm_cfg.rope_theta, llm_cfg.rope_position_scale
+        )
+        attention = attn_fn or self.attn_fn
 
         def call(layer, h, cos, sin, positions, segment_ids):
-            return layer(h, cos, sin, positions, segment_ids, fn)
+            return layer(h, cos, sin, positions, segment_ids, attention)
 
         x = scan_layers(
             self.layers, x, cos, sin, positions, segment_ids, remat=self.cfg.remat, call=call

@@ -46,17 +46,17 @@ def merge_patches(x: jax.Array, m: int, token_order: str) -> jax.Array:
     if s * s != p:
         raise ValueError(f"projector input must be a square patch grid, got {p} patches")
     pad = (-s) % m
-    g = x.reshape(n, s, s, c)
-    g = jnp.pad(g, ((0, 0), (0, pad), (0, pad), (0, 0)))
+    grid = x.reshape(n, s, s, c)
+    grid = jnp.pad(grid, ((0, 0), (0, pad), (0, pad), (0, 0)))
     b = (s + pad) // m
-    g = g.reshape(n, b, m, b, m, c)  # [n, block_row, dr, block_col, dc, c]
+    grid = grid.reshape(n, b, m, b, m, c)  # [n, block_row, dr, block_col, dc, c]
     if token_order == "row_major":
-        g = g.transpose(0, 1, 3, 2, 4, 5)
+        grid = grid.transpose(0, 1, 3, 2, 4, 5)
     elif token_order == "col_major":
-        g = g.transpose(0, 3, 1, 2, 4, 5)
+        grid = grid.transpose(0, 3, 1, 2, 4, 5)
     else:
         raise ValueError(f"token_order must be 'row_major' or 'col_major', got {token_order!r}")
-    return g.reshape(n, b * b, m * m * c)
+    return grid.reshape(n, b * b, m * m * c)
 
 
 def _gelu(x: jax.Array) -> jax.Array:
@@ -73,36 +73,36 @@ class Projector(nnx.Module):
     """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        pc = cfg.projector
+        projector_cfg = cfg.projector
         self.cfg = cfg
-        self.type = pc.type
-        self.merge = pc.merge
-        self.token_order = pc.token_order
-        dv, d = cfg.vision.hidden_size, cfg.llm.hidden_size
-        din = dv * self.merge * self.merge
-        kw = dict(
+        self.type = projector_cfg.type
+        self.merge = projector_cfg.merge
+        self.token_order = projector_cfg.token_order
+        vision_width, d = cfg.vision.hidden_size, cfg.llm.hidden_size
+        merged_width = vision_width * self.merge * self.merge
+        kwargs = dict(
             param_dtype=jnp.dtype(cfg.param_dtype), compute_dtype=jnp.dtype(cfg.compute_dtype)
         )
-        dense = dict(rngs=rngs, **kw)
-        eps = pc.layer_norm_eps
-        if pc.type in ("mlp_downsample", "mlp_downsample_2x2_fix"):
-            self.norm = LayerNorm(din, eps=eps, **kw)
-            self.fc1 = Dense(din, d, axes=(PROJ_IN, MLP), **dense)
-            self.fc2 = Dense(d, d, axes=(MLP, EMBED), **dense)
-        elif pc.type == "mlp_downsample_3x3_fix":
-            mid = 3 * dv
-            self.norm1 = LayerNorm(din, eps=eps, **kw)
-            self.fc1 = Dense(din, mid, axes=(PROJ_IN, VISION_MLP), **dense)
-            self.norm2 = LayerNorm(mid, eps=eps, **kw)
-            self.fc2 = Dense(mid, d, axes=(VISION_MLP, MLP), **dense)
-            self.fc3 = Dense(d, d, axes=(MLP, EMBED), **dense)
-        elif pc.type == "mlp2x_gelu":
-            self.fc1 = Dense(din, d, axes=(PROJ_IN, MLP), **dense)
-            self.fc2 = Dense(d, d, axes=(MLP, EMBED), **dense)
-        elif pc.type == "linear":
-            self.fc = Dense(din, d, axes=(PROJ_IN, EMBED), **dense)
+        dense_kwargs = dict(rngs=rngs, **kwargs)
+        eps = projector_cfg.layer_norm_eps
+        if projector_cfg.type in ("mlp_downsample", "mlp_downsample_2x2_fix"):
+            self.norm = LayerNorm(merged_width, eps=eps, **kwargs)
+            self.fc1 = Dense(merged_width, d, axes=(PROJ_IN, MLP), **dense_kwargs)
+            self.fc2 = Dense(d, d, axes=(MLP, EMBED), **dense_kwargs)
+        elif projector_cfg.type == "mlp_downsample_3x3_fix":
+            mid_width = 3 * vision_width
+            self.norm1 = LayerNorm(merged_width, eps=eps, **kwargs)
+            self.fc1 = Dense(merged_width, mid_width, axes=(PROJ_IN, VISION_MLP), **dense_kwargs)
+            self.norm2 = LayerNorm(mid_width, eps=eps, **kwargs)
+            self.fc2 = Dense(mid_width, d, axes=(VISION_MLP, MLP), **dense_kwargs)
+            self.fc3 = Dense(d, d, axes=(MLP, EMBED), **dense_kwargs)
+        elif projector_cfg.type == "mlp2x_gelu":
+            self.fc1 = Dense(merged_width, d, axes=(PROJ_IN, MLP), **dense_kwargs)
+            self.fc2 = Dense(d, d, axes=(MLP, EMBED), **dense_kwargs)
+        elif projector_cfg.type == "linear":
+            self.fc = Dense(merged_width, d, axes=(PROJ_IN, EMBED), **dense_kwargs)
         else:  # the config Literal already rejects this; kept for direct construction
-            raise ValueError(f"unknown projector type {pc.type!r}")
+            raise ValueError(f"unknown projector type {projector_cfg.type!r}")
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """Projects vision features.
@@ -114,12 +114,12 @@ class Projector(nnx.Module):
           [N, tokens_per_frame, llm.hidden_size] in compute dtype.
         """
         x = merge_patches(x, self.merge, self.token_order)
-        t = self.type
-        if t in ("mlp_downsample", "mlp_downsample_2x2_fix"):
+        kind = self.type
+        if kind in ("mlp_downsample", "mlp_downsample_2x2_fix"):
             return self.fc2(_gelu(self.fc1(self.norm(x))))
-        if t == "mlp_downsample_3x3_fix":
+        if kind == "mlp_downsample_3x3_fix":
             h = self.norm2(_gelu(self.fc1(self.norm1(x))))
             return self.fc3(_gelu(self.fc2(h)))
-        if t == "mlp2x_gelu":
+        if kind == "mlp2x_gelu":
             return self.fc2(_gelu(self.fc1(x)))
         return self.fc(x)

@@ -33,28 +33,28 @@ from longvila_jax.models.layers import Dense, Embed, LayerNorm, gelu, scan_layer
 class PatchEmbedding(nnx.Module):
     """Conv2d(C -> D, kernel = stride = patch, "valid") with an HWIO kernel [p, p, C, D]."""
 
-    def __init__(self, vc: VisionConfig, *, param_dtype, compute_dtype, rngs: nnx.Rngs):
-        p, c, d = vc.patch_size, vc.num_channels, vc.hidden_size
+    def __init__(self, vision_cfg: VisionConfig, *, param_dtype, compute_dtype, rngs: nnx.Rngs):
+        p, c, d = vision_cfg.patch_size, vision_cfg.num_channels, vision_cfg.hidden_size
         self.patch = p
         self.compute_dtype = compute_dtype
         std = (p * p * c) ** -0.5
-        w = std * jax.random.normal(rngs.params(), (p, p, c, d), jnp.float32)
+        kernel = std * jax.random.normal(rngs.params(), (p, p, c, d), jnp.float32)
         self.kernel = nnx.Param(
-            w.astype(param_dtype), logical_axes=(CONV, CONV, CONV, VISION_EMBED)
+            kernel.astype(param_dtype), logical_axes=(CONV, CONV, CONV, VISION_EMBED)
         )
         self.bias = nnx.Param(jnp.zeros((d,), param_dtype), logical_axes=(VISION_EMBED,))
 
     def __call__(self, pixels: jax.Array) -> jax.Array:
         """[N, H, W, C] -> [N, H/p * W/p, D], patches in row-major order."""
-        cd = self.compute_dtype
+        dtype = self.compute_dtype
         y = jax.lax.conv_general_dilated(
-            pixels.astype(cd),
-            self.kernel[...].astype(cd),
+            pixels.astype(dtype),
+            self.kernel[...].astype(dtype),
             window_strides=(self.patch, self.patch),
             padding="VALID",
             dimension_numbers=("NHWC", "HWIO", "NHWC"),
         )
-        y = y + self.bias[...].astype(cd)
+        y = y + self.bias[...].astype(dtype)
         n, h, w, d = y.shape
         return y.reshape(n, h * w, d)
 
@@ -62,11 +62,11 @@ class PatchEmbedding(nnx.Module):
 class Embeddings(nnx.Module):
     """Patch embedding plus one learned position embedding per patch (no interpolation)."""
 
-    def __init__(self, vc: VisionConfig, *, param_dtype, compute_dtype, rngs: nnx.Rngs):
-        kw = dict(param_dtype=param_dtype, compute_dtype=compute_dtype, rngs=rngs)
-        self.patch_embedding = PatchEmbedding(vc, **kw)
+    def __init__(self, vision_cfg: VisionConfig, *, param_dtype, compute_dtype, rngs: nnx.Rngs):
+        kwargs = dict(param_dtype=param_dtype, compute_dtype=compute_dtype, rngs=rngs)
+        self.patch_embedding = PatchEmbedding(vision_cfg, **kwargs)
         self.position_embedding = Embed(
-            vc.num_patches, vc.hidden_size, axes=(PATCHES, VISION_EMBED), **kw
+            vision_cfg.num_patches, vision_cfg.hidden_size, axes=(PATCHES, VISION_EMBED), **kwargs
         )
 
     def __call__(self, pixels: jax.Array) -> jax.Array:
@@ -78,15 +78,15 @@ class Embeddings(nnx.Module):
 class SelfAttention(nnx.Module):
     """Bidirectional multi-head attention with biased q/k/v/out projections."""
 
-    def __init__(self, vc: VisionConfig, *, param_dtype, compute_dtype, rngs: nnx.Rngs):
-        d = vc.hidden_size
-        kw = dict(param_dtype=param_dtype, compute_dtype=compute_dtype, rngs=rngs)
-        self.num_heads = vc.num_attention_heads
-        self.head_dim = vc.head_dim
-        self.q_proj = Dense(d, d, axes=(VISION_EMBED, VISION_HEADS), **kw)
-        self.k_proj = Dense(d, d, axes=(VISION_EMBED, VISION_HEADS), **kw)
-        self.v_proj = Dense(d, d, axes=(VISION_EMBED, VISION_HEADS), **kw)
-        self.out_proj = Dense(d, d, axes=(VISION_HEADS, VISION_EMBED), **kw)
+    def __init__(self, vision_cfg: VisionConfig, *, param_dtype, compute_dtype, rngs: nnx.Rngs):
+        d = vision_cfg.hidden_size
+        kwargs = dict(param_dtype=param_dtype, compute_dtype=compute_dtype, rngs=rngs)
+        self.num_heads = vision_cfg.num_attention_heads
+        self.head_dim = vision_cfg.head_dim
+        self.q_proj = Dense(d, d, axes=(VISION_EMBED, VISION_HEADS), **kwargs)
+        self.k_proj = Dense(d, d, axes=(VISION_EMBED, VISION_HEADS), **kwargs)
+        self.v_proj = Dense(d, d, axes=(VISION_EMBED, VISION_HEADS), **kwargs)
+        self.out_proj = Dense(d, d, axes=(VISION_HEADS, VISION_EMBED), **kwargs)
 
     def __call__(self, x: jax.Array, attn_fn: AttentionFn) -> jax.Array:
         """[N, P, D] -> [N, P, D]."""
@@ -95,10 +95,16 @@ class SelfAttention(nnx.Module):
         q = self.q_proj(x).reshape(shape)
         k = self.k_proj(x).reshape(shape)
         v = self.v_proj(x).reshape(shape)
-        seg = jnp.ones((n, p), jnp.int32)
-        pos = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (n, p))
+        segment_ids = jnp.ones((n, p), jnp.int32)  # one frame, every patch sees every patch
+        positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (n, p))
         o = attn_fn(
-            q, k, v, segment_ids=seg, positions=pos, causal=False, scale=self.head_dim**-0.5
+            q,
+            k,
+            v,
+            segment_ids=segment_ids,
+            positions=positions,
+            causal=False,
+            scale=self.head_dim**-0.5,
         )
         return self.out_proj(o.reshape(n, p, -1))
 
@@ -106,14 +112,20 @@ class SelfAttention(nnx.Module):
 class MLP(nnx.Module):
     """fc1 -> GELU (tanh approximation for ``gelu_pytorch_tanh``) -> fc2."""
 
-    def __init__(self, vc: VisionConfig, *, param_dtype, compute_dtype, rngs: nnx.Rngs):
-        kw = dict(param_dtype=param_dtype, compute_dtype=compute_dtype, rngs=rngs)
-        self.act = vc.hidden_act
+    def __init__(self, vision_cfg: VisionConfig, *, param_dtype, compute_dtype, rngs: nnx.Rngs):
+        kwargs = dict(param_dtype=param_dtype, compute_dtype=compute_dtype, rngs=rngs)
+        self.act = vision_cfg.hidden_act
         self.fc1 = Dense(
-            vc.hidden_size, vc.intermediate_size, axes=(VISION_EMBED, VISION_MLP), **kw
+            vision_cfg.hidden_size,
+            vision_cfg.intermediate_size,
+            axes=(VISION_EMBED, VISION_MLP),
+            **kwargs,
         )
         self.fc2 = Dense(
-            vc.intermediate_size, vc.hidden_size, axes=(VISION_MLP, VISION_EMBED), **kw
+            vision_cfg.intermediate_size,
+            vision_cfg.hidden_size,
+            axes=(VISION_MLP, VISION_EMBED),
+            **kwargs,
         )
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -123,13 +135,13 @@ class MLP(nnx.Module):
 class EncoderLayer(nnx.Module):
     """Pre-LN transformer block: ``x += attn(LN1(x)); x += MLP(LN2(x))``."""
 
-    def __init__(self, vc: VisionConfig, *, param_dtype, compute_dtype, rngs: nnx.Rngs):
-        kw = dict(param_dtype=param_dtype, compute_dtype=compute_dtype)
-        d, eps = vc.hidden_size, vc.layer_norm_eps
-        self.layer_norm1 = LayerNorm(d, eps=eps, **kw)
-        self.self_attn = SelfAttention(vc, rngs=rngs, **kw)
-        self.layer_norm2 = LayerNorm(d, eps=eps, **kw)
-        self.mlp = MLP(vc, rngs=rngs, **kw)
+    def __init__(self, vision_cfg: VisionConfig, *, param_dtype, compute_dtype, rngs: nnx.Rngs):
+        kwargs = dict(param_dtype=param_dtype, compute_dtype=compute_dtype)
+        d, eps = vision_cfg.hidden_size, vision_cfg.layer_norm_eps
+        self.layer_norm1 = LayerNorm(d, eps=eps, **kwargs)
+        self.self_attn = SelfAttention(vision_cfg, rngs=rngs, **kwargs)
+        self.layer_norm2 = LayerNorm(d, eps=eps, **kwargs)
+        self.mlp = MLP(vision_cfg, rngs=rngs, **kwargs)
 
     def __call__(self, x: jax.Array, attn_fn: AttentionFn) -> jax.Array:
         x = x + self.self_attn(self.layer_norm1(x), attn_fn)
@@ -139,9 +151,11 @@ class EncoderLayer(nnx.Module):
 class Encoder(nnx.Module):
     """``layers_used`` stacked encoder layers run with scan (+ remat)."""
 
-    def __init__(self, vc: VisionConfig, n: int, *, param_dtype, compute_dtype, rngs: nnx.Rngs):
-        kw = dict(param_dtype=param_dtype, compute_dtype=compute_dtype)
-        self.layers = stack_layers(lambda r: EncoderLayer(vc, rngs=r, **kw), n, rngs)
+    def __init__(
+        self, vision_cfg: VisionConfig, n: int, *, param_dtype, compute_dtype, rngs: nnx.Rngs
+    ):
+        kwargs = dict(param_dtype=param_dtype, compute_dtype=compute_dtype)
+        self.layers = stack_layers(lambda r: EncoderLayer(vision_cfg, rngs=r, **kwargs), n, rngs)
 
     def __call__(self, x: jax.Array, attn_fn: AttentionFn, remat: str) -> jax.Array:
         return scan_layers(self.layers, x, remat=remat, call=lambda layer, h: layer(h, attn_fn))
@@ -157,18 +171,18 @@ class VisionTower(nnx.Module):
     """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, attn_fn: AttentionFn = dense_attention):
-        vc = cfg.vision
-        if vc.layers_used < 1:
+        vision_cfg = cfg.vision
+        if vision_cfg.layers_used < 1:
             raise ConfigError(
                 "vision.select_layer", "must select the output of at least one encoder layer"
             )
         self.cfg = cfg
         self.attn_fn = attn_fn
-        kw = dict(
+        kwargs = dict(
             param_dtype=jnp.dtype(cfg.param_dtype), compute_dtype=jnp.dtype(cfg.compute_dtype)
         )
-        self.embeddings = Embeddings(vc, rngs=rngs, **kw)
-        self.encoder = Encoder(vc, vc.layers_used, rngs=rngs, **kw)
+        self.embeddings = Embeddings(vision_cfg, rngs=rngs, **kwargs)
+        self.encoder = Encoder(vision_cfg, vision_cfg.layers_used, rngs=rngs, **kwargs)
 
     def __call__(self, pixel_values: jax.Array, *, attn_fn: AttentionFn | None = None) -> jax.Array:
         """Vision features.
@@ -180,8 +194,8 @@ class VisionTower(nnx.Module):
         Returns:
           [N, num_patches, vision.hidden_size] in compute dtype.
         """
-        vc = self.cfg.vision
-        want = (vc.image_size, vc.image_size, vc.num_channels)
+        vision_cfg = self.cfg.vision
+        want = (vision_cfg.image_size, vision_cfg.image_size, vision_cfg.num_channels)
         if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != want:
             raise ValueError(
                 f"pixel_values must have shape [N, {want[0]}, {want[1]}, {want[2]}] (NHWC), "

@@ -5,11 +5,16 @@ the prompt is replaced by its frame's ``tokens_per_frame`` projector outputs. Th
 each frame is an ordinary text token already in the prompt (longvila.md §3.4: 197 positions per
 frame). Frames are matched to placeholders in row-major order over (batch row, position).
 
-The splice is split in two so it stays jit-friendly and reusable by sequence parallelism: the
-host-side :func:`expand_inputs` (numpy, static shapes) computes, for each position of the
-expanded sequence, the text token id and the index into the flat visual-token array (-1 for
-text); the jitted :meth:`LongVILA.embed` gathers both and selects with ``jnp.where``. Media ids
-are never looked up in the embedding table (they may exceed the vocabulary).
+The splice is split in two so it stays jit-friendly and reusable by sequence parallelism:
+
+- host side (numpy, static shapes), the *splice indices*: for each position of the expanded
+  sequence, the text token id and the index of the visual token that goes there (-1 for text).
+  :func:`expand_prompts` computes them for unpacked prompts (inference, evaluation: one sample
+  per row, visual indices over the whole batch); ``parallel.layouts.expand_packed_rows`` for the
+  data pipeline's packed rows (training: visual indices per row);
+- device side, the *splice* itself, once for every caller: :meth:`LongVILA.embed` gathers the
+  text embeddings and the visual tokens and selects with ``jnp.where``. Media ids are never
+  looked up in the embedding table (they may exceed the vocabulary).
 """
 
 from __future__ import annotations
@@ -47,7 +52,7 @@ class ExpandedInputs:
     segment_ids: np.ndarray
 
 
-def expand_inputs(
+def expand_prompts(
     input_ids: np.ndarray,
     *,
     num_frames: int,
@@ -56,7 +61,12 @@ def expand_inputs(
     vocab_size: int,
     pad_to: int | None = None,
 ) -> ExpandedInputs:
-    """Replaces each placeholder by ``tokens_per_frame`` visual slots (host side, numpy).
+    """Splice indices of unpacked prompts: each placeholder becomes ``tokens_per_frame``
+    visual slots (host side, numpy).
+
+    Frames are numbered in row-major order over (batch row, position), so the visual indices
+    run over the whole batch's [num_frames * tokens_per_frame] tokens (unlike the per-row
+    indices of ``parallel.layouts.expand_packed_rows``).
 
     Args:
       input_ids: [B, T] int token ids with ``image_token_id`` placeholders, one per frame.
@@ -96,14 +106,14 @@ def expand_inputs(
     # Expanded length of every input token: tokens_per_frame for a placeholder, else 1.
     widths = np.where(is_media, tokens_per_frame, 1)
     lengths = widths.sum(axis=1)
-    t_exp = int(lengths.max()) if b else 0
+    expanded_len = int(lengths.max()) if b else 0
     if pad_to is not None:
-        if pad_to < t_exp:
-            raise ValueError(f"pad_to={pad_to} is shorter than the expanded length {t_exp}")
-        t_exp = pad_to
-    text_ids = np.zeros((b, t_exp), np.int32)
-    visual_index = np.full((b, t_exp), -1, np.int32)
-    segment_ids = np.zeros((b, t_exp), np.int32)
+        if pad_to < expanded_len:
+            raise ValueError(f"pad_to={pad_to} is shorter than the expanded length {expanded_len}")
+        expanded_len = pad_to
+    text_ids = np.zeros((b, expanded_len), np.int32)
+    visual_index = np.full((b, expanded_len), -1, np.int32)
+    segment_ids = np.zeros((b, expanded_len), np.int32)
     starts = np.cumsum(widths, axis=1) - widths  # expanded start of every input token
     frame = np.cumsum(is_media.reshape(-1)).reshape(ids.shape) - 1  # frame id of a placeholder
     offsets = np.arange(tokens_per_frame, dtype=np.int32)
@@ -112,12 +122,12 @@ def expand_inputs(
         text_ids[r, starts[r, text]] = ids[r, text]
         media_cols = np.flatnonzero(is_media[r])
         if media_cols.size:
-            dst = (starts[r, media_cols][:, None] + offsets).reshape(-1)
-            visual_index[r, dst] = (
+            slots = (starts[r, media_cols][:, None] + offsets).reshape(-1)
+            visual_index[r, slots] = (
                 frame[r, media_cols][:, None] * tokens_per_frame + offsets
             ).reshape(-1)
         segment_ids[r, : lengths[r]] = 1
-    positions = np.broadcast_to(np.arange(t_exp, dtype=np.int32), (b, t_exp)).copy()
+    positions = np.broadcast_to(np.arange(expanded_len, dtype=np.int32), (b, expanded_len)).copy()
     return ExpandedInputs(text_ids, visual_index, positions, segment_ids)
 
 
@@ -154,12 +164,15 @@ class LongVILA(nnx.Module):
     def embed(
         self, text_ids: jax.Array, visual_index: jax.Array, visual_tokens: jax.Array | None
     ) -> jax.Array:
-        """Input embeddings of the expanded sequence (jit-friendly).
+        """Input embeddings of the expanded sequence: the visual-token splice (jit-friendly).
 
         Args:
           text_ids: [B, T] int32 text ids (values at visual positions are ignored).
           visual_index: [B, T] int32 index into ``visual_tokens``, -1 for text.
-          visual_tokens: [M, D] flat visual tokens, or None when there are no frames.
+          visual_tokens: the visual tokens, either [M, D] shared by the batch (the indices of
+            :func:`expand_prompts` run over every row's frames) or [B, M, D] one set per row
+            (the per-row indices of ``parallel.layouts.expand_packed_rows``); None when there
+            are no frames.
 
         Returns:
           [B, T, D] in compute dtype.
@@ -169,8 +182,12 @@ class LongVILA(nnx.Module):
         x = self.llm.embed(jnp.where(is_visual, 0, text_ids))
         if visual_tokens is None:
             return x
-        v = jnp.take(visual_tokens, jnp.maximum(visual_index, 0), axis=0).astype(x.dtype)
-        return jnp.where(is_visual[..., None], v, x)
+        index = jnp.maximum(visual_index, 0)  # text positions gather token 0, discarded below
+        if visual_tokens.ndim == 2:
+            v = jnp.take(visual_tokens, index, axis=0)
+        else:
+            v = jnp.take_along_axis(visual_tokens, index[..., None], axis=1)
+        return jnp.where(is_visual[..., None], v.astype(x.dtype), x)
 
     def forward_expanded(
         self,
@@ -214,28 +231,28 @@ class LongVILA(nnx.Module):
         Returns:
           [B, T_exp, vocab_size] fp32 logits.
         """
-        n = 0 if pixel_values is None else int(pixel_values.shape[0])
-        ex = expand_inputs(
+        n_frames = 0 if pixel_values is None else int(pixel_values.shape[0])
+        expanded = expand_prompts(
             np.asarray(input_ids),
-            num_frames=n,
+            num_frames=n_frames,
             image_token_id=self.cfg.image_token_id,
             tokens_per_frame=self.cfg.tokens_per_frame,
             vocab_size=self.cfg.llm.vocab_size,
         )
-        shape = ex.text_ids.shape
+        shape = expanded.text_ids.shape
         for name, given in (("positions", positions), ("segment_ids", segment_ids)):
             if given is not None and tuple(np.shape(given)) != shape:
                 raise ValueError(
                     f"{name} must have the expanded shape {shape}, got {tuple(np.shape(given))}"
                 )
-        pos = ex.positions if positions is None else positions
-        seg = ex.segment_ids if segment_ids is None else segment_ids
+        positions = expanded.positions if positions is None else positions
+        segment_ids = expanded.segment_ids if segment_ids is None else segment_ids
         return _forward_expanded_jit(
             self,
-            jnp.asarray(ex.text_ids),
-            jnp.asarray(ex.visual_index),
-            None if n == 0 else jnp.asarray(pixel_values),
-            jnp.asarray(pos, jnp.int32),
-            jnp.asarray(seg, jnp.int32),
+            jnp.asarray(expanded.text_ids),
+            jnp.asarray(expanded.visual_index),
+            None if n_frames == 0 else jnp.asarray(pixel_values),
+            jnp.asarray(positions, jnp.int32),
+            jnp.asarray(segment_ids, jnp.int32),
             attn_fn,
         )

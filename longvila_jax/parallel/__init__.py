@@ -3,6 +3,12 @@ the MM-SP model sharding.
 
 Public names are imported lazily (importing ``longvila_jax.parallel.mesh`` does not pull in
 the kernels). The axis names live in the leaf layer, ``longvila_jax.core.axes``.
+
+Naming rule for ``jax.shard_map``: a per-device block of a global array carries the suffix
+``_local`` (``q_local``, ``labels_local``), in the bodies (``attention``, ``mmsp``) and in the
+arguments of the functions that only ever receive blocks (``ring.ring_attention_local``,
+``ulysses``); a plain name is a global array. The block kernels of ``ring_kernels`` work on any
+block (the decoder also calls them) and name arrays by layout (``qh``, ``kh``, ``qT``).
 """
 
 from __future__ import annotations

@@ -62,49 +62,61 @@ def make_mmsp_attention(
       (R, U) = (mesh[ring_axis], mesh[ulysses_axis]). T must be divisible by 2*R*U; U must divide
       H (KV heads are replicated when U does not divide Hkv, see ``ulysses.kv_replication``).
     """
-    r_size = _axis_size(mesh, ring_axis)
-    u_size = _axis_size(mesh, ulysses_axis)
-    b_axes = tuple(a for a in batch_axes if a in mesh.shape)
-    b_size = int(np.prod([mesh.shape[a] for a in b_axes])) if b_axes else 1
+    ring_size = _axis_size(mesh, ring_axis)
+    ulysses_size = _axis_size(mesh, ulysses_axis)
+    present_batch_axes = tuple(a for a in batch_axes if a in mesh.shape)
+    batch_groups = (
+        int(np.prod([mesh.shape[a] for a in present_batch_axes])) if present_batch_axes else 1
+    )
     seq_axes = tuple(a for a in (ring_axis, ulysses_axis) if a and a in mesh.shape)
-    spec4 = P(b_axes or None, seq_axes or None, None, None)
-    spec2 = P(b_axes or None, seq_axes or None)
+    head_spec = P(present_batch_axes or None, seq_axes or None, None, None)  # q, k, v, out
+    token_spec = P(present_batch_axes or None, seq_axes or None)  # segment ids, positions
 
     def attn(q, k, v, *, segment_ids, positions, causal, scale):
-        bsz, t, h, _ = q.shape
+        batch, t, h, _ = q.shape
         hkv = k.shape[2]
-        if k.shape != v.shape or k.shape[:2] != (bsz, t) or k.shape[3] != q.shape[3]:
+        if k.shape != v.shape or k.shape[:2] != (batch, t) or k.shape[3] != q.shape[3]:
             raise ValueError(f"k {k.shape} / v {v.shape} do not match q {q.shape}")
-        if segment_ids.shape != (bsz, t) or positions.shape != (bsz, t):
+        if segment_ids.shape != (batch, t) or positions.shape != (batch, t):
             raise ValueError(
-                f"segment_ids {segment_ids.shape} / positions {positions.shape} must be {(bsz, t)}"
+                f"segment_ids {segment_ids.shape} / positions {positions.shape} must be "
+                f"{(batch, t)}"
             )
-        if t % (2 * r_size * u_size):
+        if t % (2 * ring_size * ulysses_size):
             raise ValueError(
                 f"q: sequence length {t} must be divisible by 2 * ring * ulysses = "
-                f"{2 * r_size * u_size}"
+                f"{2 * ring_size * ulysses_size}"
             )
-        if bsz % b_size:
-            raise ValueError(f"q: batch {bsz} not divisible by the batch mesh axes {b_axes}")
-        rep = kv_replication(h, hkv, u_size)
+        if batch % batch_groups:
+            raise ValueError(
+                f"q: batch {batch} not divisible by the batch mesh axes {present_batch_axes}"
+            )
+        kv_repeats = kv_replication(h, hkv, ulysses_size)
 
-        def body(q, k, v, seg, pos):
-            k, v = repeat_kv_heads(k, rep), repeat_kv_heads(v, rep)
-            q = seq_to_heads(q, ulysses_axis, u_size)
-            k = seq_to_heads(k, ulysses_axis, u_size)
-            v = seq_to_heads(v, ulysses_axis, u_size)
-            seg = gather_seq(seg, ulysses_axis, u_size)
-            pos = gather_seq(pos, ulysses_axis, u_size)
-            o = ring_attention_local(
-                q, k, v, seg, pos, ring_axis, r_size, causal, scale, unroll, kv_chunk
-            )
-            return heads_to_seq(o, ulysses_axis, u_size)
+        # The ``*_local`` arrays are this device's blocks of the global ones: first its piece of
+        # the layout, [B / batch_groups, T / (R * U), H, D] (every head); after the Ulysses
+        # all-to-all (``*_block_local``), its ring rank's whole zigzag block S_r for H / U heads,
+        # [B / batch_groups, T / R, H / U, D], which the ring attends to.
+        def body(q_local, k_local, v_local, segment_ids_local, positions_local):
+            k_local = repeat_kv_heads(k_local, kv_repeats)
+            v_local = repeat_kv_heads(v_local, kv_repeats)
+            q_block_local = seq_to_heads(q_local, ulysses_axis, ulysses_size)
+            k_block_local = seq_to_heads(k_local, ulysses_axis, ulysses_size)
+            v_block_local = seq_to_heads(v_local, ulysses_axis, ulysses_size)
+            segment_ids_block_local = gather_seq(segment_ids_local, ulysses_axis, ulysses_size)
+            positions_block_local = gather_seq(positions_local, ulysses_axis, ulysses_size)
+            out_block_local = ring_attention_local(
+                q_block_local, k_block_local, v_block_local,
+                segment_ids_block_local, positions_block_local,
+                ring_axis, ring_size, causal, scale, unroll, kv_chunk,
+            )  # fmt: skip
+            return heads_to_seq(out_block_local, ulysses_axis, ulysses_size)
 
         return jax.shard_map(
             body,
             mesh=mesh,
-            in_specs=(spec4, spec4, spec4, spec2, spec2),
-            out_specs=spec4,
+            in_specs=(head_spec, head_spec, head_spec, token_spec, token_spec),
+            out_specs=head_spec,
         )(q, k, v, segment_ids.astype(jnp.int32), positions.astype(jnp.int32))
 
     return attn
@@ -142,22 +154,20 @@ def mmsp_attention(
     Returns:
       [B, T, H, D] in q's dtype, natural order.
     """
-    bsz, t, _, d = q.shape
+    batch, t, _, d = q.shape
     if segment_ids is None:
-        segment_ids = jnp.ones((bsz, t), jnp.int32)
+        segment_ids = jnp.ones((batch, t), jnp.int32)
     if positions is None:
-        positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (bsz, t))
+        positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (batch, t))
     scale = d**-0.5 if scale is None else scale
-    multiple = 2 * _axis_size(mesh, ring_axis) * _axis_size(mesh, ulysses_axis)
-    pad = (-t) % multiple
-    if pad:
-        widths4 = ((0, 0), (0, pad), (0, 0), (0, 0))
-        q, k, v = (jnp.pad(x, widths4) for x in (q, k, v))
+    ring_size, ulysses_size = _axis_size(mesh, ring_axis), _axis_size(mesh, ulysses_axis)
+    pad = (-t) % (2 * ring_size * ulysses_size)
+    if pad:  # padding tokens get segment id 0: they see nothing and nothing sees them
+        head_widths = ((0, 0), (0, pad), (0, 0), (0, 0))
+        q, k, v = (jnp.pad(x, head_widths) for x in (q, k, v))
         segment_ids = jnp.pad(segment_ids, ((0, 0), (0, pad)))
         positions = jnp.pad(positions, ((0, 0), (0, pad)))
-    perm = zigzag_2d_permutation(
-        t + pad, _axis_size(mesh, ring_axis), _axis_size(mesh, ulysses_axis)
-    )
+    perm = zigzag_2d_permutation(t + pad, ring_size, ulysses_size)
     attn = make_mmsp_attention(
         mesh,
         ring_axis=ring_axis,

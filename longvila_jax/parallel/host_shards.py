@@ -69,14 +69,14 @@ class DataShard:
           RuntimeError: ``index`` reaches rows outside this shard.
         """
         n = local.shape[1]
-        lo = self.index * n
+        first = self.index * n  # the shard's first global row
         start, stop, _ = index[1].indices(n * self.count)
-        if start < lo or stop > lo + n:
+        if start < first or stop > first + n:
             raise RuntimeError(
                 f"a device of this process needs rows [{start}, {stop}) but data shard "
-                f"{self.index}/{self.count} holds [{lo}, {lo + n})"
+                f"{self.index}/{self.count} holds [{first}, {first + n})"
             )
-        return local[(index[0], slice(start - lo, stop - lo), *index[2:])]
+        return local[(index[0], slice(start - first, stop - first), *index[2:])]
 
 
 def shard_of_processes(
@@ -107,7 +107,7 @@ def shard_of_processes(
         int(p): sorted({g for g in range(n_groups) if (per_group[g] == p).any()})
         for p in np.unique(grid)
     }
-    sets = sorted({tuple(gs) for gs in groups_of.values()})
+    sets = sorted({tuple(groups) for groups in groups_of.values()})
     sizes = {len(s) for s in sets}
     for a, b in zip(sets, sets[1:], strict=False):
         if set(a) & set(b):
@@ -125,8 +125,8 @@ def data_shard(mesh: Mesh, batch_axes: Sequence[str], process_index: int | None 
     """This process's :class:`DataShard` on ``mesh`` (``batch_axes``: the ``batch`` rule)."""
     grid = np.vectorize(lambda d: d.process_index, otypes=[np.int64])(mesh.devices)
     shards, count = shard_of_processes(grid, mesh.axis_names, batch_axes)
-    pid = jax.process_index() if process_index is None else process_index
-    return DataShard(index=shards[pid], count=count)
+    process = jax.process_index() if process_index is None else process_index
+    return DataShard(index=shards[process], count=count)
 
 
 def count_data_shards(

@@ -7,16 +7,21 @@ layer permutes anything.
 Layout rule (parallelism.md section 4, longvila.md section 5.11 corrected): cut the row into 2R
 chunks C_0..C_{2R-1}; ring rank r owns S_r = C_r || C_{2R-1-r}; cut S_r into U equal contiguous
 pieces and give piece u to mesh shard r*U + u (device (r, u)). After the Ulysses all-to-all
-(which concatenates pieces in u order), every device of ring rank r holds exactly S_r.
+(which concatenates pieces in u order), every device of ring rank r holds exactly S_r. The tests
+check this against the dense causal mask and show that VILA's hybrid formula fails it
+(``tests/parallel/_layout_oracles.py``).
 
-``vila_hybrid_permutation`` reproduces the upstream VILA hybrid formula only so that a test can
-show it is not a valid layout; never use it.
+The rows the layout permutes are *expanded* rows: every ``<image>`` placeholder already
+replaced by its frame's visual-token slots. :func:`expand_packed_rows` does that for the data
+pipeline's packed rows on the host (``models.vlm.expand_prompts`` is its counterpart for
+unpacked prompts at inference).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 
+import jax.numpy as jnp
 import numpy as np
 
 from longvila_jax.core.labels import IGNORE_INDEX
@@ -55,18 +60,14 @@ def inverse_permutation(perm: np.ndarray) -> np.ndarray:
 
 def apply_layout(x, perm: np.ndarray, axis: int = 1):
     """Permutes the sequence axis (``x[:, perm]`` for axis 1); works on numpy and jax arrays."""
-    return x.take(perm, axis=axis) if isinstance(x, np.ndarray) else _jnp_take(x, perm, axis)
+    if isinstance(x, np.ndarray):
+        return x.take(perm, axis=axis)
+    return jnp.take(x, jnp.asarray(perm), axis=axis)
 
 
 def undo_layout(x, perm: np.ndarray, axis: int = 1):
     """Inverse of ``apply_layout``."""
     return apply_layout(x, inverse_permutation(perm), axis)
-
-
-def _jnp_take(x, perm, axis):
-    import jax.numpy as jnp  # numpy callers (data pipeline) need not import jax
-
-    return jnp.take(x, jnp.asarray(perm), axis=axis)
 
 
 def shift_labels(labels: np.ndarray, ignore_index: int = IGNORE_INDEX) -> np.ndarray:
@@ -111,103 +112,67 @@ def layout_batch(
     return out
 
 
-def vila_hybrid_permutation(seq_len: int, ring: int, ulysses: int) -> np.ndarray:
-    """Upstream VILA hybrid repack (device (u, r) takes chunks r + 2R*u and SP-r-1 + 2R*u of a
-    2*SP split). Kept only to demonstrate in tests that it is wrong for U > 1.
-
-    Returns:
-      [L] global order (shard r*U + u); indices may repeat or fall outside the row (-1 marks
-      an out-of-range chunk), which the simulation reports as invalid.
-    """
-    sp = ring * ulysses
-    n_chunks = 2 * sp
-    size = seq_len // n_chunks
-    order = []
-    for r in range(ring):
-        for u in range(ulysses):
-            for cid in (r + 2 * ring * u, sp - r - 1 + 2 * ring * u):
-                if 0 <= cid < n_chunks:
-                    order.append(np.arange(cid * size, (cid + 1) * size))
-                else:
-                    order.append(np.full(size, -1))
-    return np.concatenate(order).astype(np.int32)
-
-
-def simulate_zigzag_schedule(perm: np.ndarray, ring: int, ulysses: int) -> set[tuple[int, int]]:
-    """(query, key) token pairs a chunk-arithmetic zigzag kernel computes for a layout.
-
-    Models the pipeline: layout -> Ulysses all-to-all (rank r gathers its U pieces in u order)
-    -> the classic zigzag schedule, whose masks assume the local block is C_r || C_{2R-1-r}
-    (step 0: causal on local index order; j < r: all local q vs front half of kv from rank j;
-    j > r: back half of local q vs all kv). Compare with the dense causal pair set.
-
-    Returns:
-      The set of (q_token, k_token) pairs, tokens as natural indices (-1 for invalid slots).
-    """
-    n = ring * ulysses
-    shard = len(perm) // n
-    blocks = [perm[r * ulysses * shard : (r + 1) * ulysses * shard] for r in range(ring)]
-    pairs: set[tuple[int, int]] = set()
-    for r in range(ring):
-        q = blocks[r]
-        half = len(q) // 2
-        for s in range(ring):
-            j = (r - s) % ring
-            kv = blocks[j]
-            if s == 0:
-                pairs.update((int(q[a]), int(q[b])) for a in range(len(q)) for b in range(a + 1))
-            elif j < r:
-                pairs.update((int(a), int(b)) for a in q for b in kv[:half])
-            else:
-                pairs.update((int(a), int(b)) for a in q[half:] for b in kv)
-    return pairs
-
-
-def dense_causal_pairs(seq_len: int) -> set[tuple[int, int]]:
-    """All (q, k) pairs with k <= q: what a correct layout + schedule must compute."""
-    return {(a, b) for a in range(seq_len) for b in range(a + 1)}
-
-
-def packed_splice_indices(
+def expand_packed_rows(
     batch: Mapping[str, np.ndarray], image_token_id: int, tokens_per_frame: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Where the packed rows' text tokens and visual tokens go in the expanded layout (host side).
+    """Splice indices of the data pipeline's packed rows: where every text token and every
+    visual token goes in the expanded row (host side, numpy).
 
-    The data pipeline packs unexpanded ids (one ``<image>`` per frame) plus, for every text
-    token, its expanded position (``text_to_expanded``); this fills the expanded rows: the text
-    ids at their positions, and at the ``tokens_per_frame`` positions after each ``<image>``
-    the index of the visual token that belongs there. (``models.vlm.expand_inputs`` does the
-    same for unpacked prompts at inference.)
+    The pipeline packs several samples per row, unexpanded (one ``<image>`` per frame), and
+    records for every text token its position in the expanded row (``text_to_expanded``);
+    positions, segment ids and labels already come in the expanded layout. This fills the
+    expanded rows: the text ids at their positions, and at the ``tokens_per_frame`` positions
+    after each ``<image>`` the index of the visual token that belongs there. Unlike
+    ``models.vlm.expand_prompts`` (unpacked prompts, indices over the whole batch), the visual
+    indices are local to the row, so rows can be sharded over devices and hosts freely.
 
     Args:
       batch: pipeline batch (``data.pipeline`` layout): ``input_ids`` [B, T],
-        ``text_to_expanded`` [B, T], ``frames`` [B, F, ...], ``segment_ids`` [B, L].
+        ``text_to_expanded`` [B, T] (L or more for padding), ``frames`` [B, F, ...],
+        ``segment_ids`` [B, L].
       image_token_id: the data tokenizer's ``<image>`` id.
       tokens_per_frame: visual tokens per frame.
 
     Returns:
       text_ids [B, L] int32 (0 at visual and pad positions) and visual_index [B, L] int32: index
-      into the row's own [F * tokens_per_frame] visual tokens, -1 for text. Indices are local to
-      the row so that rows can be sharded over devices and hosts freely.
+      into the row's own [F * tokens_per_frame] visual tokens (frame j, token t ->
+      j * tokens_per_frame + t), -1 for text.
+
+    Raises:
+      ValueError: a row has more ``<image>`` tokens than frame slots.
     """
-    ids = np.asarray(batch["input_ids"])
-    dst = np.asarray(batch["text_to_expanded"])
-    b, t = ids.shape
+    input_ids = np.asarray(batch["input_ids"])
+    text_to_expanded = np.asarray(batch["text_to_expanded"])
+    rows = input_ids.shape[0]
     length = batch["segment_ids"].shape[1]
-    n_frames = batch["frames"].shape[1]
-    text_ids = np.zeros((b, length), np.int32)
-    visual = np.full((b, length), -1, np.int32)
-    is_img = ids == image_token_id
-    offs = np.arange(tokens_per_frame, dtype=np.int32)
-    for r in range(b):
-        real = dst[r] < length
-        txt = real & ~is_img[r]
-        text_ids[r, dst[r, txt]] = ids[r, txt]
-        cols = np.flatnonzero(real & is_img[r])
-        if cols.size > n_frames:
-            raise ValueError(f"row {r}: {cols.size} <image> tokens but only {n_frames} frame slots")
-        if cols.size:
-            slots = (dst[r, cols][:, None] + offs).reshape(-1)
-            frame = np.arange(cols.size)[:, None] * tokens_per_frame + offs
-            visual[r, slots] = frame.reshape(-1)
-    return text_ids, visual
+    frame_slots = batch["frames"].shape[1]
+    text_ids = np.zeros((rows, length), np.int32)
+    visual_index = np.full((rows, length), -1, np.int32)
+    is_image = input_ids == image_token_id
+    offsets = np.arange(tokens_per_frame, dtype=np.int32)
+    for r in range(rows):
+        real = text_to_expanded[r] < length  # padding tokens point past the row
+        text = real & ~is_image[r]
+        text_ids[r, text_to_expanded[r, text]] = input_ids[r, text]
+        image_cols = np.flatnonzero(real & is_image[r])
+        if image_cols.size > frame_slots:
+            raise ValueError(
+                f"row {r}: {image_cols.size} <image> tokens but only {frame_slots} frame slots"
+            )
+        if image_cols.size:
+            # The k-th <image> of the row is frame k; its tokens follow the placeholder's slot.
+            slots = (text_to_expanded[r, image_cols][:, None] + offsets).reshape(-1)
+            tokens = np.arange(image_cols.size)[:, None] * tokens_per_frame + offsets
+            visual_index[r, slots] = tokens.reshape(-1)
+    return text_ids, visual_index
+
+
+__all__ = [
+    "apply_layout",
+    "expand_packed_rows",
+    "inverse_permutation",
+    "layout_batch",
+    "shift_labels",
+    "undo_layout",
+    "zigzag_2d_permutation",
+]

@@ -145,8 +145,8 @@ def validate_mesh(
     Raises:
       ConfigError: naming the offending field.
     """
-    s = cfg.sizes(num_devices)
-    u, r = s[ax.ULYSSES], s[ax.RING]
+    sizes = cfg.sizes(num_devices)
+    u, r = sizes[ax.ULYSSES], sizes[ax.RING]
     if num_heads is not None:
         check(num_heads >= 1, "num_heads", f"must be >= 1, got {num_heads}")
         check(
@@ -161,22 +161,26 @@ def validate_mesh(
             f"{num_kv_heads} KV heads must divide the {num_heads} query heads",
         )
     if seq_len is not None:
-        mult = 2 * r * u * cfg.block_size
+        multiple = 2 * r * u * cfg.block_size
         check(
-            seq_len % mult == 0,
+            seq_len % multiple == 0,
             "seq_len",
-            f"{seq_len} must be divisible by 2 * ring * ulysses * block_size = {mult}",
+            f"{seq_len} must be divisible by 2 * ring * ulysses * block_size = {multiple}",
         )
     if batch_size is not None:
-        dp = s[ax.DATA] * s[ax.FSDP]
-        check(batch_size % dp == 0, "batch_size", f"{batch_size} not divisible by data*fsdp={dp}")
+        groups = sizes[ax.DATA] * sizes[ax.FSDP]
+        check(
+            batch_size % groups == 0,
+            "batch_size",
+            f"{batch_size} not divisible by data*fsdp={groups}",
+        )
     if devices_per_process is not None:
         check(
             devices_per_process % u == 0,
             "ulysses",
             f"Ulysses degree {u} must divide the {devices_per_process} devices of one host",
         )
-    return s
+    return sizes
 
 
 def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -188,11 +192,11 @@ def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> M
     Raises:
       ConfigError: if the sizes do not fit the devices or a Ulysses group would span hosts.
     """
-    devs = list(jax.devices() if devices is None else devices)
-    devs.sort(key=lambda d: (d.process_index, d.id))
-    per_proc = len([d for d in devs if d.process_index == devs[0].process_index])
-    s = validate_mesh(cfg, len(devs), devices_per_process=per_proc)
-    grid = np.array(devs, dtype=object).reshape([s[n] for n in ax.MESH_AXES])
+    ordered = list(jax.devices() if devices is None else devices)
+    ordered.sort(key=lambda d: (d.process_index, d.id))
+    per_process = len([d for d in ordered if d.process_index == ordered[0].process_index])
+    sizes = validate_mesh(cfg, len(ordered), devices_per_process=per_process)
+    grid = np.array(ordered, dtype=object).reshape([sizes[n] for n in ax.MESH_AXES])
     return Mesh(grid, ax.MESH_AXES, axis_types=(AxisType.Auto,) * len(ax.MESH_AXES))
 
 

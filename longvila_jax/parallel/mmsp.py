@@ -15,10 +15,10 @@ The training objective of sequence-parallel stages (longvila.md §5, parallelism
    they already are.
 4. The LLM runs on the laid-out sequence with ``make_mmsp_attention``; positions, segment ids
    and labels are already in the same order, so every other layer is token-local.
-5. Loss (§5.8): a ``shard_map`` computes the CE of the local tokens in chunks (at most
-   [b, ce_chunk, V] logits live at once, recomputed in the backward pass) and psums the CE sum
-   and the supervised-token count over the batch and sequence axes. ``loss`` returns both sums;
-   the train step divides them (global token mean).
+5. Loss (§5.8): a ``shard_map`` computes the CE of the local tokens in chunks with the shared
+   ``core.loss.token_ce_sum`` (at most [b, ce_chunk, V] logits live at once, recomputed in the
+   backward pass) and psums the CE sum and the supervised-token count over the batch and
+   sequence axes. ``loss`` returns both sums; the train step divides them (global token mean).
 
 ``train.objective.MMSPObjective`` adapts the plan to the trainer's ``Objective`` protocol
 (``to_device`` / ``shardings`` / ``loss``).
@@ -36,22 +36,30 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from longvila_jax.core.loss import token_ce_sum
 from longvila_jax.parallel.attention import make_mmsp_attention
 from longvila_jax.parallel.host_shards import DataShard, data_shard
-from longvila_jax.parallel.layouts import packed_splice_indices, zigzag_2d_permutation
+from longvila_jax.parallel.layouts import expand_packed_rows, layout_batch, zigzag_2d_permutation
 from longvila_jax.parallel.mmsp_routing import RoutingGeometry, routing_tables
 
+# Per-token fields: permuted into the layout on the host, sharded like the sequence on device.
 _SEQ_KEYS = ("text_ids", "positions", "segment_ids", "labels")
 
 
 def _take_rows(table: jax.Array, index: jax.Array) -> jax.Array:
-    """table [N, D] gathered at ``index`` (any shape); -1 gives a zero row."""
-    n = table.shape[0]
-    ext = jnp.concatenate([table, jnp.zeros((1, table.shape[1]), table.dtype)], axis=0)
-    return jnp.take(ext, jnp.where(index < 0, n, index), axis=0)
+    """table [N, D] gathered at ``index`` (any shape); -1 gives a zero row.
+
+    The routing tables mark unused buffer slots with -1; an appended zero row makes them cost
+    a gather of zeros instead of a mask.
+    """
+    rows = table.shape[0]
+    padded = jnp.concatenate([table, jnp.zeros((1, table.shape[1]), table.dtype)], axis=0)
+    return jnp.take(padded, jnp.where(index < 0, rows, index), axis=0)
 
 
 def _largest_divisor(n: int, at_most: int) -> int:
+    """The largest divisor of ``n`` not above ``at_most`` (at least 1): CE chunks must tile a
+    device's tokens exactly, since ``lax.scan`` needs equal chunks."""
     return max(d for d in range(1, min(n, max(at_most, 1)) + 1) if n % d == 0)
 
 
@@ -95,7 +103,7 @@ class MMSPPlan:
         self.ring = int(mesh.shape.get(ring_axis, 1))
         self.ulysses = int(mesh.shape.get(ulysses_axis, 1))
         self.sp = self.ring * self.ulysses
-        self.groups = (
+        self.batch_groups = (
             int(np.prod([mesh.shape[a] for a in self.batch_axes])) if self.batch_axes else 1
         )
         self._shard = shard  # resolved on first host-side use (the mesh may be abstract)
@@ -104,10 +112,10 @@ class MMSPPlan:
                 f"seq_len {seq_len} must be divisible by 2 * ring * ulysses = {2 * self.sp}"
             )
         self.seq_len, self.frame_slots = seq_len, frame_slots
-        self.tpf, self.image_token_id = tokens_per_frame, image_token_id
-        self.accum, self.ce_chunk = grad_accum, ce_chunk
+        self.tokens_per_frame, self.image_token_id = tokens_per_frame, image_token_id
+        self.grad_accum, self.ce_chunk = grad_accum, ce_chunk
         self.perm = zigzag_2d_permutation(seq_len, self.ring, self.ulysses)
-        self.attn = make_mmsp_attention(
+        self.attention_fn = make_mmsp_attention(
             mesh,
             ring_axis=ring_axis,
             ulysses_axis=ulysses_axis,
@@ -121,14 +129,18 @@ class MMSPPlan:
         """This process's data shard: which rows :meth:`host_arrays` receives."""
         if self._shard is None:
             self._shard = data_shard(self.mesh, self.batch_axes)
-        if self.groups % self._shard.count:
-            raise ValueError(f"{self.groups} batch groups cannot form {self._shard.count} shards")
+        if self.batch_groups % self._shard.count:
+            raise ValueError(
+                f"{self.batch_groups} batch groups cannot form {self._shard.count} shards"
+            )
         return self._shard
 
     def geometry(self, rows: int) -> RoutingGeometry:
         """Shapes of a micro-batch of this shard's ``rows`` (its batch groups only)."""
-        groups = self.groups // self.shard.count
-        return RoutingGeometry(rows, groups, self.seq_len, self.sp, self.frame_slots, self.tpf)
+        groups = self.batch_groups // self.shard.count
+        return RoutingGeometry(
+            rows, groups, self.seq_len, self.sp, self.frame_slots, self.tokens_per_frame
+        )
 
     def host_arrays(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """A data-pipeline batch -> the numpy arrays ``loss`` reads, each [A, ...].
@@ -145,73 +157,100 @@ class MMSPPlan:
         Returns:
           text_ids / positions / segment_ids / labels / recv [A, b, L] in layout order; frames
           [A, b, SP * frames_per_device, P, P, 3] in device-slot order; send1 [A, G, SP, SP,
-          cap1], send2 [A, G, SP, SP, cap2] (the last four only when F > 0).
+          hop1_capacity], send2 [A, G, SP, SP, hop2_capacity] (the last four only when F > 0).
 
         Raises:
           ValueError: shapes that do not match the plan, frames that are not a prefix of the
             row's slots, rows not divisible into micro-batches and batch shards.
         """
-        seg = np.asarray(batch["segment_ids"])
-        rows, length = seg.shape
+        segment_ids = np.asarray(batch["segment_ids"])
+        rows, length = segment_ids.shape
         if length != self.seq_len:
             raise ValueError(f"segment_ids: row length {length} != plan seq_len {self.seq_len}")
-        if rows % self.accum:
-            raise ValueError(f"{rows} rows cannot be split into {self.accum} micro-batches")
+        if rows % self.grad_accum:
+            raise ValueError(f"{rows} rows cannot be split into {self.grad_accum} micro-batches")
         frames = np.asarray(batch["frames"]) if self.frame_slots else None
         if frames is not None and frames.shape[1] != self.frame_slots:
             raise ValueError(f"frames: {frames.shape[1]} slots != plan {self.frame_slots}")
-        text_ids, visual = packed_splice_indices(batch, self.image_token_id, self.tpf)
+        text_ids, visual_index = expand_packed_rows(
+            batch, self.image_token_id, self.tokens_per_frame
+        )
         out: dict[str, list[np.ndarray]] = {}
-        b = rows // self.accum
-        geo = self.geometry(b)
-        for m in range(self.accum):
-            sl = slice(m * b, (m + 1) * b)
-            arrays = {
-                "text_ids": text_ids[sl],
-                "positions": np.asarray(batch["positions"])[sl],
-                "segment_ids": seg[sl],
-                "labels": np.asarray(batch["labels"])[sl],
+        micro_rows = rows // self.grad_accum
+        geometry = self.geometry(micro_rows)
+        for m in range(self.grad_accum):
+            first_row = m * micro_rows
+            micro = slice(first_row, first_row + micro_rows)
+            natural = {
+                "text_ids": text_ids[micro],
+                "positions": np.asarray(batch["positions"])[micro],
+                "segment_ids": segment_ids[micro],
+                "labels": np.asarray(batch["labels"])[micro],
             }
-            arrays = {k: v[:, self.perm].astype(np.int32) for k, v in arrays.items()}
+            # One permutation for every per-token field. The labels were shifted on the natural
+            # order (by the pipeline), so each token keeps its own next-token target wherever
+            # the layout puts it; the kernels read the causal order from the positions.
+            laid_out = layout_batch(natural, self.perm, _SEQ_KEYS)
+            arrays = {k: v.astype(np.int32) for k, v in laid_out.items()}
             if frames is not None:
-                arrays.update(self._visual_arrays(geo, batch, visual[sl], frames[sl], m * b))
+                arrays.update(
+                    self._visual_arrays(
+                        geometry, batch, visual_index[micro], frames[micro], first_row
+                    )
+                )
             for k, v in arrays.items():
                 out.setdefault(k, []).append(v)
         return {k: np.stack(v) for k, v in out.items()}
 
-    def _visual_arrays(self, geo, batch, visual, frames, row0) -> dict[str, np.ndarray]:
-        # ``packed_splice_indices`` indexes every row's own visual tokens (frame j, token t ->
-        # j * tpf + t), which is exactly the per-row rank ``routing_tables`` expects; an offset
-        # by the row's position in the batch would turn the visual tokens of every row but the
-        # first into negative ranks, silently embedded as text.
-        b = visual.shape[0]
-        rank = np.where(visual >= 0, visual, -1)
-        mask = np.asarray(batch["frame_mask"], bool)[row0 : row0 + b]
-        n_frames = mask.sum(axis=1)
-        for r in range(b):
-            if not mask[r, : n_frames[r]].all():
-                raise ValueError(f"frame_mask row {row0 + r}: real frames must come first")
-        tables = routing_tables(geo, rank, n_frames, self.perm)
-        src = tables.pop("frame_src")
-        laid = np.where(
-            (src >= 0)[:, :, None, None, None],
-            np.take_along_axis(frames, np.maximum(src, 0)[:, :, None, None, None], axis=1),
+    def _visual_arrays(
+        self,
+        geometry: RoutingGeometry,
+        batch: Mapping[str, np.ndarray],
+        visual_index: np.ndarray,
+        frames: np.ndarray,
+        first_row: int,
+    ) -> dict[str, np.ndarray]:
+        """Frames in device-slot order and the routing tables of one micro-batch's rows.
+
+        ``visual_index`` [b, L] (natural order) indexes every row's own visual tokens (frame j,
+        token t -> j * tokens_per_frame + t, ``expand_packed_rows``), which is exactly the
+        per-row rank ``routing_tables`` expects; an offset by the row's position in the batch
+        would turn the visual tokens of every row but the first into negative ranks, silently
+        embedded as text.
+        """
+        rows = visual_index.shape[0]
+        frame_mask = np.asarray(batch["frame_mask"], bool)[first_row : first_row + rows]
+        n_frames = frame_mask.sum(axis=1)
+        # Frame ownership counts frames 0 .. n-1 of a row: real frames must come first.
+        for r in range(rows):
+            if not frame_mask[r, : n_frames[r]].all():
+                raise ValueError(f"frame_mask row {first_row + r}: real frames must come first")
+        tables = routing_tables(geometry, visual_index, n_frames, self.perm)
+        frame_src = tables.pop("frame_src")
+        # Reorder the frames so that sharding the slot axis over the SP devices hands every
+        # device the frames it owns (stage 1); empty slots become zero frames.
+        source_frame = np.maximum(frame_src, 0)[:, :, None, None, None]
+        frames_by_slot = np.where(
+            (frame_src >= 0)[:, :, None, None, None],
+            np.take_along_axis(frames, source_frame, axis=1),
             0.0,
         ).astype(np.float32)
-        return {"frames": laid, **tables}
+        return {"frames": frames_by_slot, **tables}
 
     def shardings(self) -> dict[str, NamedSharding]:
         """Sharding of every array of :meth:`host_arrays` (leading accumulation axis)."""
-        b, s = self.batch_axes or None, self.seq_axes or None
-        sh = {k: P(None, b, s) for k in _SEQ_KEYS}
+        rows, seq = self.batch_axes or None, self.seq_axes or None
+        specs = {k: P(None, rows, seq) for k in _SEQ_KEYS}
         if self.frame_slots:
-            sh.update(
-                recv=P(None, b, s),
-                frames=P(None, b, s, None, None, None),
-                send1=P(None, b, s, None, None),
-                send2=P(None, b, s, None, None),
+            # The frame slots and the tables' source / intermediate axis are sharded like the
+            # sequence: device k of an SP group receives exactly its own part of each.
+            specs.update(
+                recv=P(None, rows, seq),
+                frames=P(None, rows, seq, None, None, None),
+                send1=P(None, rows, seq, None, None),
+                send2=P(None, rows, seq, None, None),
             )
-        return {k: NamedSharding(self.mesh, v) for k, v in sh.items()}
+        return {k: NamedSharding(self.mesh, v) for k, v in specs.items()}
 
     def to_device(self, batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
         """This shard's host batch -> global device arrays.
@@ -221,40 +260,58 @@ class MMSPPlan:
         of its own devices (``DataShard.global_array``). One process: ``device_put``.
         """
         arrays = self.host_arrays(batch)
-        sh = self.shardings()
-        return {k: self.shard.global_array(v, sh[k]) for k, v in arrays.items()}
+        shardings = self.shardings()
+        return {k: self.shard.global_array(v, shardings[k]) for k, v in arrays.items()}
 
     # --------------------------------------------------------------------------- device side
     def _spec(self, *rest) -> P:
+        """P(batch axes, sequence axes, *rest): rows over the batch, axis 1 over the SP group."""
         return P(self.batch_axes or None, self.seq_axes or None, *rest)
 
     def embed(self, model: Any, micro: Mapping[str, jax.Array]) -> jax.Array:
         """Input embeddings [b, L, D] in layout order, sharded over (batch, seq)."""
+        # Text ids are 0 at visual positions (``expand_packed_rows``), so the lookup never sees
+        # a media id; those rows are replaced below.
         x = model.llm.embed(micro["text_ids"])
         x = jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, self._spec(None)))
         if not self.frame_slots:
             return x
-        vis = self.visual_tokens(model, micro)
-        return jnp.where((micro["recv"] >= 0)[..., None], vis.astype(x.dtype), x)
+        visual = self.visual_tokens(model, micro)
+        return jnp.where((micro["recv"] >= 0)[..., None], visual.astype(x.dtype), x)
 
     def visual_tokens(self, model: Any, micro: Mapping[str, jax.Array]) -> jax.Array:
         """Stages 1 and 2: [b, L, D] visual tokens at their layout positions (0 at text)."""
-        vg, vstate = nnx.split(model.vision)
-        pg, pstate = nnx.split(model.projector)
-        seq = self.seq_axes
+        vision_def, vision_state = nnx.split(model.vision)
+        projector_def, projector_state = nnx.split(model.projector)
+        seq_axes = self.seq_axes
 
-        def body(vstate, pstate, frames, send1, send2, recv):
-            vision, projector = nnx.merge(vg, vstate), nnx.merge(pg, pstate)
-            b, s = frames.shape[:2]
-            tok = projector(vision(frames.reshape(b * s, *frames.shape[2:])))
-            tok = tok.reshape(-1, tok.shape[-1])
-            hop1 = _take_rows(tok, send1[0, 0])  # [SP intermediates, cap1, D]
-            if seq:
-                hop1 = jax.lax.all_to_all(hop1, seq, 0, 0, tiled=True)
-            hop2 = _take_rows(hop1.reshape(-1, hop1.shape[-1]), send2[0, 0])  # [SP dests, ...]
-            if seq:
-                hop2 = jax.lax.all_to_all(hop2, seq, 0, 0, tiled=True)
-            return _take_rows(hop2.reshape(-1, hop2.shape[-1]), recv)
+        # Every ``*_local`` array is this device's block: frames_local [b, frames_per_device,
+        # P, P, 3]; send1_local [1, 1, SP, hop1_capacity] and send2_local [1, 1, SP,
+        # hop2_capacity] (its batch group's, its own source / intermediate row); recv_local
+        # [b, L / SP].
+        def body(vision_state, projector_state, frames_local, send1_local, send2_local, recv_local):
+            # The parameters enter replicated (all-gathered from their FSDP shards).
+            vision = nnx.merge(vision_def, vision_state)
+            projector = nnx.merge(projector_def, projector_state)
+            rows, slots = frames_local.shape[:2]
+            # Stage 1: encode only this device's frames.
+            tokens_local = projector(
+                vision(frames_local.reshape(rows * slots, *frames_local.shape[2:]))
+            )
+            # [b * frames_per_device * tokens_per_frame, D]: the order send1's indices use.
+            tokens_local = tokens_local.reshape(-1, tokens_local.shape[-1])
+            # Stage 2, hop 1: fill one fixed-size buffer per intermediate and exchange them; a
+            # tiled all_to_all over the SP group swaps the leading axis, so afterwards row i of
+            # the buffer holds what source i sent to this device.
+            hop1_local = _take_rows(tokens_local, send1_local[0, 0])  # [SP, hop1_capacity, D]
+            if seq_axes:
+                hop1_local = jax.lax.all_to_all(hop1_local, seq_axes, 0, 0, tiled=True)
+            # Hop 2: forward from the flattened receive buffer to every destination.
+            hop2_local = _take_rows(hop1_local.reshape(-1, hop1_local.shape[-1]), send2_local[0, 0])
+            if seq_axes:
+                hop2_local = jax.lax.all_to_all(hop2_local, seq_axes, 0, 0, tiled=True)
+            # Every visual slot of this device's [b, L / SP] block reads its token (text: 0).
+            return _take_rows(hop2_local.reshape(-1, hop2_local.shape[-1]), recv_local)
 
         return jax.shard_map(
             body,
@@ -268,9 +325,18 @@ class MMSPPlan:
                 self._spec(),
             ),
             out_specs=self._spec(None),
-        )(vstate, pstate, micro["frames"], micro["send1"], micro["send2"], micro["recv"])
+        )(
+            vision_state,
+            projector_state,
+            micro["frames"],
+            micro["send1"],
+            micro["send2"],
+            micro["recv"],
+        )
 
-    def ce_sums(self, model: Any, hidden: jax.Array, labels: jax.Array):
+    def ce_sums(
+        self, model: Any, hidden: jax.Array, labels: jax.Array
+    ) -> tuple[jax.Array, jax.Array]:
         """(psum of CE over supervised tokens, psum of their count), fp32 scalars.
 
         Args:
@@ -279,38 +345,42 @@ class MMSPPlan:
         """
         llm = model.llm
         tied = llm.lm_head is None
-        hg, hstate = nnx.split(llm.embed_tokens if tied else llm.lm_head)
-        axes = self.batch_axes + self.seq_axes
-        chunk = _largest_divisor(self.seq_len // self.sp, self.ce_chunk)
+        head_def, head_state = nnx.split(llm.embed_tokens if tied else llm.lm_head)
+        reduce_axes = self.batch_axes + self.seq_axes
+        chunk_len = _largest_divisor(self.seq_len // self.sp, self.ce_chunk)
 
-        def body(hstate, h, lab):
-            b, n, d = h.shape
-            hs = h.reshape(b, n // chunk, chunk, d).swapaxes(0, 1)
-            ls = lab.reshape(b, n // chunk, chunk).swapaxes(0, 1)
+        # hidden_local [b, L / SP, D] and labels_local [b, L / SP]: this device's tokens.
+        def body(head_state, hidden_local, labels_local):
+            rows, n_local, width = hidden_local.shape
+            n_chunks = n_local // chunk_len
+            hidden_chunks = hidden_local.reshape(rows, n_chunks, chunk_len, width).swapaxes(0, 1)
+            labels_chunks = labels_local.reshape(rows, n_chunks, chunk_len).swapaxes(0, 1)
 
+            # Remat: only one chunk's [b, chunk_len, V] logits live at a time, in the backward
+            # pass too (they are recomputed from the chunk's hidden states).
             @jax.checkpoint
-            def one(hstate, hc, lc):
-                head = nnx.merge(hg, hstate)
-                logits = (head.attend(hc) if tied else head(hc)).astype(jnp.float32)
-                mask = lc >= 0
-                tgt = jnp.where(mask, lc, 0)
-                lse = jax.nn.logsumexp(logits, axis=-1)
-                picked = jnp.take_along_axis(logits, tgt[..., None], axis=-1)[..., 0]
-                return jnp.where(mask, lse - picked, 0.0).sum(), mask.sum().astype(jnp.float32)
+            def chunk_ce(head_state, hidden_chunk, labels_chunk):
+                head = nnx.merge(head_def, head_state)
+                return token_ce_sum(head.attend if tied else head, hidden_chunk, labels_chunk)
 
             # Per-chunk sums come out as scan outputs (no carry: its varying axes would differ).
-            _, (ce, cnt) = jax.lax.scan(lambda c, xs: (c, one(hstate, *xs)), None, (hs, ls))
-            ce, cnt = ce.sum(), cnt.sum()
-            if axes:
-                ce, cnt = jax.lax.psum(ce, axes), jax.lax.psum(cnt, axes)
-            return ce, cnt
+            _, (ce_per_chunk, count_per_chunk) = jax.lax.scan(
+                lambda carry, xs: (carry, chunk_ce(head_state, *xs)),
+                None,
+                (hidden_chunks, labels_chunks),
+            )
+            ce, count = ce_per_chunk.sum(), count_per_chunk.sum()
+            # Sums over every device: the loss is the global token mean (train step divides).
+            if reduce_axes:
+                ce, count = jax.lax.psum(ce, reduce_axes), jax.lax.psum(count, reduce_axes)
+            return ce, count
 
         return jax.shard_map(
             body,
             mesh=self.mesh,
             in_specs=(P(), self._spec(None), self._spec()),
             out_specs=(P(), P()),
-        )(hstate, hidden, labels)
+        )(head_state, hidden, labels)
 
     def loss(self, model: Any, micro: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
         """(sum of CE over supervised tokens, their number) of one micro-batch, all devices.
@@ -320,13 +390,15 @@ class MMSPPlan:
           micro: one micro-batch of :meth:`host_arrays` (leading axis removed), on device.
         """
         x = self.embed(model, micro)
-        h = model.llm.hidden(
+        # Positions and segment ids are in the same layout order as the tokens, so every layer
+        # but attention is token-local and attention reads the causal order from them.
+        hidden = model.llm.hidden(
             inputs_embeds=x,
             positions=micro["positions"],
             segment_ids=micro["segment_ids"],
-            attn_fn=self.attn,
+            attn_fn=self.attention_fn,
         )
-        return self.ce_sums(model, h, micro["labels"])
+        return self.ce_sums(model, hidden, micro["labels"])
 
 
 __all__ = ["MMSPPlan"]

@@ -55,43 +55,52 @@ def heads_t(x: jax.Array) -> jax.Array:
     return x.transpose(0, 1, 4, 2, 3)
 
 
-def _visible(q_seg, k_seg, q_pos, k_pos, causal: bool, kv_major: bool) -> jax.Array:
+def _visible(
+    q_segment_ids, kv_segment_ids, q_positions, kv_positions, causal: bool, kv_major: bool
+) -> jax.Array:
     """Visibility [b, tq, tk] (or [b, tk, tq] when ``kv_major``): same non-zero segment and,
     when causal, kv position <= q position (``core.attention.attention_mask`` semantics)."""
     if kv_major:
-        qs, ks, qp, kp = q_seg[:, None, :], k_seg[:, :, None], q_pos[:, None, :], k_pos[:, :, None]
+        q_segment, kv_segment = q_segment_ids[:, None, :], kv_segment_ids[:, :, None]
+        q_position, kv_position = q_positions[:, None, :], kv_positions[:, :, None]
     else:
-        qs, ks, qp, kp = q_seg[:, :, None], k_seg[:, None, :], q_pos[:, :, None], k_pos[:, None, :]
-    ok = (qs == ks) & (qs != 0)
-    return ok & (kp <= qp) if causal else ok
+        q_segment, kv_segment = q_segment_ids[:, :, None], kv_segment_ids[:, None, :]
+        q_position, kv_position = q_positions[:, :, None], kv_positions[:, None, :]
+    visible = (q_segment == kv_segment) & (q_segment != 0)
+    return visible & (kv_position <= q_position) if causal else visible
 
 
-def forward_heads(qh, kh, vh, q_seg, k_seg, q_pos, k_pos, *, causal: bool, scale: float):
+def forward_heads(qh, kh, vh, q_segment_ids, kv_segment_ids, q_positions, kv_positions, *,
+                  causal: bool, scale: float):  # fmt: skip
     """One block's forward with the scores materialised ([b, hkv, g, tq, tk] fp32).
 
     Args:
-      qh: [b, hkv, g, tq, d]; kh, vh: [b, hkv, tk, d]; q_seg, q_pos: [b, tq]; k_seg, k_pos:
-        [b, tk] (segment id 0 = padding; positions give the causal order).
+      qh: [b, hkv, g, tq, d]; kh, vh: [b, hkv, tk, d]; q_segment_ids, q_positions: [b, tq];
+        kv_segment_ids, kv_positions: [b, tk] (segment id 0 = padding; positions give the
+        causal order).
 
     Returns:
       o: [b, hkv, g, tq, d] fp32, normalised over this block's keys; lse: [b, hkv, g, tq] fp32
       (MASK_VALUE on rows with no visible key, whose o is 0).
     """
     s = jnp.einsum("bkgqd,bksd->bkgqs", qh, kh, preferred_element_type=jnp.float32)
-    ok = _visible(q_seg, k_seg, q_pos, k_pos, causal, kv_major=False)[:, None, None]
-    s = jnp.where(ok, s * scale, MASK_VALUE)
+    visible = _visible(
+        q_segment_ids, kv_segment_ids, q_positions, kv_positions, causal, kv_major=False
+    )[:, None, None]
+    s = jnp.where(visible, s * scale, MASK_VALUE)
     # One exp per score: masked scores underflow to 0 against a real row max; rows with no
     # visible key (row max ~ MASK_VALUE) are zeroed afterwards on the small [.., q] arrays.
     m = jnp.max(s, axis=-1)
     e = jnp.exp(s - m[..., None])
     denom = jnp.sum(e, axis=-1)
     o = jnp.einsum("bkgqs,bksd->bkgqd", e.astype(vh.dtype), vh, preferred_element_type=jnp.float32)
-    row_ok = m > 0.5 * MASK_VALUE
-    o = o * jnp.where(row_ok, 1.0 / denom, 0.0)[..., None]
-    return o, jnp.where(row_ok, m + jnp.log(denom), MASK_VALUE)
+    row_has_key = m > 0.5 * MASK_VALUE
+    o = o * jnp.where(row_has_key, 1.0 / denom, 0.0)[..., None]
+    return o, jnp.where(row_has_key, m + jnp.log(denom), MASK_VALUE)
 
 
-def backward_heads(qh, qT, doh, doT, lse, delta, kh, vh, q_seg, k_seg, q_pos, k_pos, *,
+def backward_heads(qh, qT, doh, doT, lse, delta, kh, vh,
+                   q_segment_ids, kv_segment_ids, q_positions, kv_positions, *,
                    causal: bool, scale: float):  # fmt: skip
     """One block's backward from the final LSE, on transposed scores [b, hkv, tk, g, tq].
 
@@ -107,8 +116,10 @@ def backward_heads(qh, qT, doh, doT, lse, delta, kh, vh, q_seg, k_seg, q_pos, k_
     """
     f32 = jnp.float32
     s = jnp.einsum("bksd,bkdgq->bksgq", kh, qT, preferred_element_type=f32)
-    ok = _visible(q_seg, k_seg, q_pos, k_pos, causal, kv_major=True)[:, None, :, None]
-    p = jnp.exp(jnp.where(ok, s * scale, MASK_VALUE) - lse[:, :, None])
+    visible = _visible(
+        q_segment_ids, kv_segment_ids, q_positions, kv_positions, causal, kv_major=True
+    )[:, None, :, None]
+    p = jnp.exp(jnp.where(visible, s * scale, MASK_VALUE) - lse[:, :, None])
     dp = jnp.einsum("bksd,bkdgq->bksgq", vh, doT, preferred_element_type=f32)
     ds = p * (dp - delta[:, :, None])
     dv = jnp.einsum("bksgq,bkgqd->bksd", p.astype(doh.dtype), doh, preferred_element_type=f32)
@@ -143,41 +154,55 @@ def merge(o, lse, o_b, lse_b):
     return o * jnp.exp(lse - new)[..., None] + o_b * jnp.exp(lse_b - new)[..., None], new
 
 
-def chunked_forward(qh, kh, vh, q_seg, k_seg, q_pos, k_pos, *, causal, scale, kv_chunk=None):
+def chunked_forward(qh, kh, vh, q_segment_ids, kv_segment_ids, q_positions, kv_positions, *,
+                    causal, scale, kv_chunk=None):  # fmt: skip
     """``forward_heads`` flash-style over KV chunks of ``kv_chunk`` tokens (scores buffer
     [b, h, tq, kv_chunk]); one dense block when ``n_chunks`` says so. Same shapes."""
     dense = functools.partial(forward_heads, causal=causal, scale=scale)
     n = n_chunks(kh.shape[2], kv_chunk)
     if n == 1:
-        return dense(qh, kh, vh, q_seg, k_seg, q_pos, k_pos)
+        return dense(qh, kh, vh, q_segment_ids, kv_segment_ids, q_positions, kv_positions)
     o = varying(varying(jnp.zeros(qh.shape, jnp.float32), qh), kh)
     lse = varying(varying(jnp.full(qh.shape[:-1], MASK_VALUE, jnp.float32), qh), kh)
 
-    def body(carry, xs):
-        kc, vc, sc, pc = xs
-        return merge(*carry, *dense(qh, kc, vc, q_seg, sc, q_pos, pc)), None
+    def body(carry, part):
+        kh_part, vh_part, segment_ids_part, positions_part = part
+        o_part, lse_part = dense(
+            qh, kh_part, vh_part, q_segment_ids, segment_ids_part, q_positions, positions_part
+        )
+        return merge(*carry, o_part, lse_part), None
 
-    xs = (_chunks(kh, n), _chunks(vh, n), _meta_chunks(k_seg, n), _meta_chunks(k_pos, n))
-    (o, lse), _ = jax.lax.scan(body, (o, lse), xs)
+    parts = (
+        _chunks(kh, n), _chunks(vh, n),
+        _meta_chunks(kv_segment_ids, n), _meta_chunks(kv_positions, n),
+    )  # fmt: skip
+    (o, lse), _ = jax.lax.scan(body, (o, lse), parts)
     return o, lse
 
 
-def chunked_backward(qh, qT, doh, doT, lse, delta, kh, vh, q_seg, k_seg, q_pos, k_pos, *,
+def chunked_backward(qh, qT, doh, doT, lse, delta, kh, vh,
+                     q_segment_ids, kv_segment_ids, q_positions, kv_positions, *,
                      causal, scale, kv_chunk=None):  # fmt: skip
     """``backward_heads`` over KV chunks of ``kv_chunk`` tokens; same arguments and results."""
     dense = functools.partial(backward_heads, causal=causal, scale=scale)
+    q_side = (qh, qT, doh, doT, lse, delta)
     n = n_chunks(kh.shape[2], kv_chunk)
     if n == 1:
-        return dense(qh, qT, doh, doT, lse, delta, kh, vh, q_seg, k_seg, q_pos, k_pos)
+        return dense(*q_side, kh, vh, q_segment_ids, kv_segment_ids, q_positions, kv_positions)
     dqT = varying(varying(jnp.zeros(qT.shape, jnp.float32), qT), kh)
 
-    def body(dqT, xs):
-        kc, vc, sc, pc = xs
-        dqT_c, dk_c, dv_c = dense(qh, qT, doh, doT, lse, delta, kc, vc, q_seg, sc, q_pos, pc)
-        return dqT + dqT_c, (dk_c, dv_c)
+    def body(dqT, part):
+        kh_part, vh_part, segment_ids_part, positions_part = part
+        dqT_part, dk_part, dv_part = dense(
+            *q_side, kh_part, vh_part, q_segment_ids, segment_ids_part, q_positions, positions_part
+        )
+        return dqT + dqT_part, (dk_part, dv_part)
 
-    xs = (_chunks(kh, n), _chunks(vh, n), _meta_chunks(k_seg, n), _meta_chunks(k_pos, n))
-    dqT, (dk, dv) = jax.lax.scan(body, dqT, xs)
+    parts = (
+        _chunks(kh, n), _chunks(vh, n),
+        _meta_chunks(kv_segment_ids, n), _meta_chunks(kv_positions, n),
+    )  # fmt: skip
+    dqT, (dk, dv) = jax.lax.scan(body, dqT, parts)
     unchunk = lambda x: jnp.moveaxis(x, 0, 2).reshape(kh.shape)  # noqa: E731
     return dqT, unchunk(dk), unchunk(dv)
 
@@ -188,11 +213,13 @@ def safe_lse(lse: jax.Array) -> jax.Array:
     return jnp.where(lse > 0.5 * MASK_VALUE, lse, -MASK_VALUE)
 
 
-def block_forward(q, k, v, q_seg, k_seg, q_pos, k_pos, *, causal, scale, kv_chunk=None):
+def block_forward(q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions, *,
+                  causal, scale, kv_chunk=None):  # fmt: skip
     """One attention block in the natural layout, flash-style over KV chunks.
 
     Args:
-      q: [b, tq, h, d]; k, v: [b, tk, hkv, d]; q_seg, q_pos: [b, tq]; k_seg, k_pos: [b, tk].
+      q: [b, tq, h, d]; k, v: [b, tk, hkv, d]; q_segment_ids, q_positions: [b, tq];
+        kv_segment_ids, kv_positions: [b, tk].
       kv_chunk: KV tokens per inner step (scores buffer [b, h, tq, kv_chunk]); None = one step.
 
     Returns:
@@ -202,14 +229,14 @@ def block_forward(q, k, v, q_seg, k_seg, q_pos, k_pos, *, causal, scale, kv_chun
     hkv = k.shape[2]
     kh, vh = (to_heads(x, hkv)[:, :, 0] for x in (k, v))
     o, lse = chunked_forward(
-        to_heads(q, hkv), kh, vh, q_seg, k_seg, q_pos, k_pos,
+        to_heads(q, hkv), kh, vh, q_segment_ids, kv_segment_ids, q_positions, kv_positions,
         causal=causal, scale=scale, kv_chunk=kv_chunk,
     )  # fmt: skip
     return from_heads(o), lse.reshape(q.shape[0], q.shape[2], q.shape[1])
 
 
-def block_backward(q, k, v, do, lse, delta, q_seg, k_seg, q_pos, k_pos, *, causal, scale,
-                   kv_chunk=None):  # fmt: skip
+def block_backward(q, k, v, do, lse, delta, q_segment_ids, kv_segment_ids, q_positions,
+                   kv_positions, *, causal, scale, kv_chunk=None):  # fmt: skip
     """Recomputes one natural-layout block and returns its fp32 gradient contributions.
 
     Args:
@@ -223,10 +250,11 @@ def block_backward(q, k, v, do, lse, delta, q_seg, k_seg, q_pos, k_pos, *, causa
     hkv = k.shape[2]
     qh, doh = to_heads(q, hkv), to_heads(do, hkv)
     kh, vh = (to_heads(x, hkv)[:, :, 0] for x in (k, v))
-    heads4 = lambda x: x.reshape(b, hkv, h // hkv, tq)  # noqa: E731
+    by_kv_head = lambda x: x.reshape(b, hkv, h // hkv, tq)  # noqa: E731  [b, h, tq] -> heads-major
     dqT, dk, dv = chunked_backward(
-        qh, heads_t(qh), doh, heads_t(doh), safe_lse(heads4(lse)), heads4(delta),
-        kh, vh, q_seg, k_seg, q_pos, k_pos, causal=causal, scale=scale, kv_chunk=kv_chunk,
+        qh, heads_t(qh), doh, heads_t(doh), safe_lse(by_kv_head(lse)), by_kv_head(delta),
+        kh, vh, q_segment_ids, kv_segment_ids, q_positions, kv_positions,
+        causal=causal, scale=scale, kv_chunk=kv_chunk,
     )  # fmt: skip
     dq = from_heads(dqT.transpose(0, 1, 3, 4, 2)) * scale
     return dq, dk.transpose(0, 2, 1, 3) * scale, dv.transpose(0, 2, 1, 3)

@@ -22,21 +22,21 @@ from longvila_jax.core.errors import ConfigError, InputError
 
 def main(argv: list[str] | None = None) -> int:
     """Runs the trainer CLI; returns the exit code (see the module docstring)."""
-    p = argparse.ArgumentParser(
+    parser = argparse.ArgumentParser(
         prog="python -m longvila_jax.train",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--config", required=True, help="stage YAML (configs/stages/*.yaml)")
-    p.add_argument("--mesh", default=None, help="mesh YAML (default: the stage's mesh)")
-    p.add_argument("--set", action="append", default=[], metavar="K=V", help="dotted override")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    p.add_argument(
+    parser.add_argument("--config", required=True, help="stage YAML (configs/stages/*.yaml)")
+    parser.add_argument("--mesh", default=None, help="mesh YAML (default: the stage's mesh)")
+    parser.add_argument("--set", action="append", default=[], metavar="K=V", help="dotted override")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.add_argument(
         "--fail-fast",
         action="store_true",
         help="stop at the first bad sample with an error naming it (debugging)",
     )
-    args = p.parse_args(argv)
+    args = parser.parse_args(argv)
 
     # Imported here: jax and the model stack load slowly, and --help should not wait for them.
     from longvila_jax.config.train import load_stage

@@ -28,57 +28,34 @@ steps to delete when a save is dispatched, but deletes them only after that save
 in its finalize thread; a save that fails raises before any deletion. So the good step a run
 resumed from is deleted only once a newer step, with its own manifest, has been committed.
 
-Fault injection (tests only): ``LONGVILA_TEST_KILL`` as ``core.faults`` parses it arms one
-kill per launch: ``<site>@<step>`` for the step-keyed :data:`KILL_SITES` (the save of
-``<step>``, or the final phase), ``offset=<s>@<step>`` (``<s>`` seconds after the save of
-``<step>`` was dispatched), ``<site>@<n>`` for :data:`COUNTED_SITES` (the ``n``-th time a
-launch reaches that point of the ``ckpt/`` writers), or a time-based kill of the final phase
-(``train.finish.arm_kill``). Unset, none of this code runs.
+Fault injection (tests only): a :class:`~longvila_jax.train.kill_switch.KillSwitch` places the
+save window's kill points (``save_start``, ``after_dispatch``, the watched in-flight sites,
+``after_commit``); :mod:`longvila_jax.train.kill_switch` lists them. Unarmed, it does nothing.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
-import threading
-import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import grain
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from longvila_jax.config.train import CheckpointConfig
-from longvila_jax.core import faults
 from longvila_jax.core.errors import CheckpointError
 from longvila_jax.train.integrity import manifested_rename_class, verify_step_dir
+from longvila_jax.train.kill_switch import KillSwitch
 from longvila_jax.train.state import all_finite
 
 log = logging.getLogger(__name__)
 
-KILL_ENV = faults.KILL_ENV
-KILL_SITES = (  # step-keyed: <site>@<step>
-    "after_step",  # step finished, no save in flight
-    "save_start",  # before the save is dispatched
-    "after_dispatch",  # async save dispatched, writes in flight
-    "mid_write",  # array data files exist in the temp dir
-    "mid_iter_state",  # the iterator-state item is being written
-    "before_commit",  # temp dir complete (commit marker written), not yet renamed
-    "after_commit",  # committed, before the next save's retention cleanup
-    "stage_transition",  # last checkpoint committed, final model not yet written
-    "final_written",  # final/ committed (by this launch or an earlier one), export not begun
-    "stage_done",  # final/ (and vila/) committed, the "final" event not yet logged
-)
-COUNTED_SITES = (  # core.faults points of ckpt/ writers: <site>@<n>, the n-th in a launch
-    "ckpt_group",  # ParamWriter.flush: one Orbax partial save of final/'s params done
-    "dir_commit",  # atomic_dir: output complete in its temp dir, not yet renamed (final/, vila/)
-    "export_file",  # SafetensorsWriter.close: one safetensors file of vila/ renamed into place
-)
-_WATCHED = ("offset", "mid_write", "mid_iter_state", "before_commit")  # save-window sites
-_TMP = ".orbax-checkpoint-tmp"
 CORRUPT_DIR = "corrupt"  # failed steps newer than the restored one are moved here
 
 
@@ -88,77 +65,6 @@ class NonFiniteState(RuntimeError):
 
 class CorruptCheckpoints(CheckpointError, RuntimeError):
     """Committed checkpoints exist but none matches its integrity manifest."""
-
-
-class KillSwitch:
-    """Test-only fault injection for the training loop's sites (inactive unless armed).
-
-    Args:
-      armed: ``(site, n)`` as :func:`core.faults.armed` returns it, or None (inactive). Use
-        :meth:`from_env` for the switch ``$LONGVILA_TEST_KILL`` arms.
-
-    Sites this class does not know (``COUNTED_SITES``, the final phase's, another module's)
-    are left to ``core.faults.hit`` and ``train.finish.arm_kill``, which read the same
-    variable.
-    """
-
-    def __init__(self, armed: tuple[str, int] | None = None):
-        self.site: str | None = None
-        self.offset: float | None = None
-        self.step = -1
-        self.label = ""
-        if armed is None:
-            return
-        site, self.step = armed
-        self.site = self.label = site
-        kind, eq, seconds = site.partition("=")
-        if eq and kind == "offset":
-            self.site, self.offset = kind, float(seconds)  # ValueError if not a number
-
-    @classmethod
-    def from_env(cls) -> KillSwitch:
-        """The switch armed by ``$LONGVILA_TEST_KILL`` (inactive when unset).
-
-        Raises:
-          ValueError: the variable is set but not ``<site>@<n>``.
-        """
-        armed = faults.armed()
-        if armed is None and os.environ.get(KILL_ENV):
-            raise ValueError(f"{KILL_ENV}={os.environ[KILL_ENV]!r}: expected <site>@<n>")
-        return cls(armed)
-
-    def at(self, site: str, step: int) -> None:
-        """Kills the process if ``site@step`` is the armed point."""
-        if self.site == site and self.step == step:
-            faults.die(f"{site}@{step}")
-
-    def watch_save(self, directory: Path, step: int) -> None:
-        """Arms a watcher thread for the in-flight save of ``step`` (file-based sites)."""
-        if self.step != step or self.site not in _WATCHED:
-            return
-        tmp = directory / f"{step}{_TMP}"
-        final = directory / str(step)
-        start = time.monotonic()
-
-        def reached() -> bool:
-            if self.site == "offset":
-                return time.monotonic() - start >= self.offset
-            if self.site == "mid_write":
-                d = tmp / f"state{_TMP}" / "ocdbt.process_0" / "d"
-                return d.is_dir() and any(d.iterdir())
-            if self.site == "mid_iter_state":
-                return (tmp / f"data_iter{_TMP}").exists()
-            return (tmp / "commit_success.txt").exists()
-
-        def run():
-            while True:
-                if reached():
-                    faults.die(f"{self.label}@{step}")
-                if final.exists():  # the window closed before we saw it: kill late anyway
-                    faults.die(f"{self.label}(late)@{step}")
-                time.sleep(0.0002)
-
-        threading.Thread(target=run, daemon=True, name="kill-switch").start()
 
 
 class _IterState:
@@ -198,9 +104,6 @@ class Checkpointer:
     def __init__(
         self, directory: str | Path, cfg: CheckpointConfig, kill: KillSwitch | None = None
     ):
-        import orbax.checkpoint as ocp
-
-        self._ocp = ocp
         # Replica-parallel writes slice replicated arrays with one jit per shape (tens of
         # compilations on the first save on CPU); each shard's first replica writes it whole.
         global _HANDLER_SET
@@ -270,8 +173,6 @@ class Checkpointer:
                     self._quarantine(step)
         moved = len(self.rejected) if chosen >= 0 else 0
         if jax.process_count() > 1:  # process 0's answer, after its moves (a barrier too)
-            from jax.experimental import multihost_utils
-
             answer = np.array([chosen, moved], np.int32)
             chosen, moved = map(int, multihost_utils.broadcast_one_to_all(answer))
             if chosen >= 0:
@@ -314,10 +215,9 @@ class Checkpointer:
         if not bool(_finite(state)):
             raise NonFiniteState(f"step {step}: the train state holds non-finite values")
         self.kill.at("save_start", step)
-        ocp = self._ocp
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state),
-            data_iter=_grain_save(_IterState(iterator, iterator.get_state())),
+            data_iter=grain.checkpoint.CheckpointSave(_IterState(iterator, iterator.get_state())),
             meta=ocp.args.JsonSave(dict(meta)),
         )
         self.kill.watch_save(self.directory, step)
@@ -343,9 +243,6 @@ class Checkpointer:
           CorruptCheckpoints: the step's files do not match its manifest.
         """
         self._require_verified(step)
-        ocp = self._ocp
-        import grain
-
         out = self.manager.restore(
             step,
             args=ocp.args.Composite(
@@ -359,7 +256,6 @@ class Checkpointer:
     def read_meta(self, step: int) -> dict:
         """The ``meta`` item of ``step`` (verified first, as :meth:`restore`)."""
         self._require_verified(step)
-        ocp = self._ocp
         out = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
         return dict(out["meta"])
 
@@ -368,19 +264,4 @@ class Checkpointer:
         self.manager.close()
 
 
-def _grain_save(item):
-    import grain
-
-    return grain.checkpoint.CheckpointSave(item)
-
-
-__all__ = [
-    "CORRUPT_DIR",
-    "COUNTED_SITES",
-    "KILL_ENV",
-    "KILL_SITES",
-    "Checkpointer",
-    "CorruptCheckpoints",
-    "KillSwitch",
-    "NonFiniteState",
-]
+__all__ = ["CORRUPT_DIR", "Checkpointer", "CorruptCheckpoints", "NonFiniteState"]

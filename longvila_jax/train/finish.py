@@ -10,7 +10,7 @@ before writing. A relaunch restores the last checkpoint again and writes what is
 do not depend on where an earlier launch was killed.
 
 Kill points of this phase (tests; ``LONGVILA_TEST_KILL`` as ``core.faults`` parses it, see
-``train.checkpoint.KILL_SITES`` and ``COUNTED_SITES``): ``stage_transition@<steps>`` (in
+``train.kill_switch.KILL_SITES`` and ``COUNTED_SITES``): ``stage_transition@<steps>`` (in
 ``loop.run_stage``), the writers' counted points (``ckpt_group``, ``dir_commit``,
 ``export_file``), ``final_written@<steps>`` (``final/`` on disk, the export not begun),
 ``stage_done@<steps>`` (everything written, the ``final`` event not yet logged), and the
@@ -32,8 +32,14 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
+from safetensors.numpy import load_file, save_file
 
-from longvila_jax.config.base import save_yaml
+from longvila_jax.ckpt import orbax_io
+from longvila_jax.ckpt.fresh import write_vila
+from longvila_jax.ckpt.pretrained import load_pretrained
+from longvila_jax.ckpt.vila_export import export_vila
+from longvila_jax.config.base import load_config, save_yaml
 from longvila_jax.config.model import ModelConfig
 from longvila_jax.core import faults
 from longvila_jax.train.state import nest
@@ -46,8 +52,6 @@ _COMPONENT = {"llm": "llm", "vision": "vision_tower", "projector": "mm_projector
 def barrier(name: str) -> None:
     """Waits for every process of a multi-process job (nothing to wait for in one process)."""
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
         multihost_utils.sync_global_devices(name)
 
 
@@ -132,8 +136,6 @@ def finish_stage(
 def _to_host(x) -> np.ndarray:
     if not isinstance(x, jax.Array) or x.is_fully_addressable:
         return np.asarray(x)
-    from jax.experimental import multihost_utils
-
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
@@ -161,8 +163,6 @@ def write_final(
     if jax.process_count() == 1:
         finalize(out, cfg, host, like, export_tokenizer, on_written)
         return
-    from safetensors.numpy import save_file
-
     params_file = out.parent / ".final-params.safetensors"
     save_file({n: np.ascontiguousarray(v) for n, v in host.items()}, str(params_file))
     save_yaml(cfg, out.parent / ".final-model.yaml")
@@ -180,10 +180,6 @@ def write_final(
 
 def finalize_from_files(out: str, model_yaml: str, params: str, like: str, tok: str) -> None:
     """Child-process entry of :func:`write_final` (files written by the parent)."""
-    from safetensors.numpy import load_file
-
-    from longvila_jax.config.base import load_config
-
     cfg = load_config(ModelConfig, model_yaml)
     finalize(
         Path(out), cfg, load_file(params), Path(like) if like else None, Path(tok) if tok else None
@@ -200,8 +196,6 @@ def finalize(
 ) -> None:
     """Writes the final project checkpoint (and the VILA export) from host arrays; a ``final/``
     already on disk is kept."""
-    from longvila_jax.ckpt import orbax_io
-
     if not out.is_dir():
         if like is not None:
             orbax_io.save_checkpoint(out, cfg, nest(host), like=like)
@@ -214,8 +208,6 @@ def finalize(
 
 
 def _write_random_final(out: Path, cfg: ModelConfig, host: dict) -> None:
-    from longvila_jax.ckpt import orbax_io
-
     with orbax_io.checkpoint_dir(out) as tmp:
         orbax_io.write_metadata(tmp, cfg, {"source": {"layout": "random"}})
         writer = orbax_io.ParamWriter(tmp)
@@ -232,19 +224,12 @@ def export(final: Path, out: Path, tokenizer_dir: Path) -> None:
     (``ckpt.vila_export``); one that started from a random init gets a freshly generated layout
     (``ckpt.fresh``) with the data tokenizer ``tokenizer_dir``.
     """
-    from longvila_jax.ckpt import orbax_io
-
     if out.is_dir():
         return
     layout = orbax_io.read_provenance(final).get("source", {}).get("layout")
     if layout in ("vila", "hf_parts"):
-        from longvila_jax.ckpt.vila_export import export_vila
-
         export_vila(final, out)
         return
-    from longvila_jax.ckpt.fresh import write_vila
-    from longvila_jax.ckpt.pretrained import load_pretrained
-
     write_vila(load_pretrained(final), tokenizer_dir, out)
 
 

@@ -4,188 +4,247 @@ Order of a run (every check that can fail on config happens before anything comp
 
 1. ``multihost.initialize``; ``resolve_stage`` cross-checks stage, model, data and mesh files.
 2. Resolve ``init_from`` to a project checkpoint (importing HF/VILA layouts into
-   ``<run_dir>/init`` once), build the model template and shardings.
+   ``<run_dir>/init`` once), build the model template and shardings (:mod:`.start`).
 3. If ``<run_dir>/checkpoints`` has a committed step, restore state, data iterator and meta from
    the newest one that matches its integrity manifest (older ones are tried when it does not;
-   all corrupt raises), refusing a different stage config; else initialise the state.
-4. Jit the step with explicit shardings, compile it ahead of time (memory analysis logged).
-5. Train: host batch -> objective -> step -> metrics; checkpoint every ``checkpoint.every``
-   steps; SIGTERM saves the current step and exits with :data:`EXIT_PREEMPTED`;
-   ``max_consecutive_nonfinite`` skipped steps in a row exit with :data:`EXIT_NONFINITE`.
+   all corrupt raises), refusing a different stage config (:mod:`.fingerprint`); else
+   initialise the state.
+4. Jit the step with explicit shardings; it is compiled ahead of time on the first batch
+   (memory analysis logged).
+5. Train: :func:`training_steps` yields each step once dispatched, and the hooks of
+   :mod:`.hooks` run on it: the step's metrics record (written one step late), the non-finite
+   halt, a checkpoint every ``checkpoint.every`` steps and at the end. SIGTERM saves the
+   current step and exits with :data:`EXIT_PREEMPTED`; ``max_consecutive_nonfinite`` skipped
+   steps in a row exit with :data:`EXIT_NONFINITE` (each a ``hooks.Stop``, mapped to its exit
+   code by :data:`EXIT_CODES`).
 6. Write the final project checkpoint ``<run_dir>/final`` (LoRA merged) for the next stage's
    ``stage:<name>``; optionally export it to the VILA layout (``<run_dir>/vila``)
-   (:mod:`longvila_jax.train.finish`, which also lists the kill points of that phase).
+   (:mod:`.finish`, which also lists the kill points of that phase).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
-import numpy as np
-from flax import nnx
 
-from longvila_jax.config.base import ConfigError, save_yaml
-from longvila_jax.config.model import ModelConfig
+from longvila_jax.config.base import save_yaml
 from longvila_jax.config.train import StageConfig
+from longvila_jax.data.pipeline import DataIterator
+from longvila_jax.parallel.host_shards import data_shard
+from longvila_jax.parallel.mesh import make_mesh
 from longvila_jax.train import finish, multihost
-from longvila_jax.train.checkpoint import (
-    Checkpointer,
-    CorruptCheckpoints,
-    KillSwitch,
-    NonFiniteState,
-)
+from longvila_jax.train.checkpoint import Checkpointer, CorruptCheckpoints
 from longvila_jax.train.fingerprint import check_resume_config, stage_fingerprint
-from longvila_jax.train.finish import FINAL_DIR, VILA_DIR, barrier, write_final
-from longvila_jax.train.metrics import MetricsWriter, batch_fingerprint, float_bits, sample_ids
-from longvila_jax.train.objective import OBJECTIVES
+from longvila_jax.train.finish import FINAL_DIR, VILA_DIR, write_final
+from longvila_jax.train.hooks import (
+    CheckpointHook,
+    Hooks,
+    LateMetrics,
+    NonFiniteCheckpoint,
+    NonFiniteHalt,
+    NonFiniteSteps,
+    Preempted,
+    StepResult,
+    Stop,
+)
+from longvila_jax.train.kill_switch import KillSwitch
+from longvila_jax.train.metrics import MetricsWriter, batch_fields
+from longvila_jax.train.objective import OBJECTIVES, Objective
 from longvila_jax.train.optim import make_optimizer, make_schedule
 from longvila_jax.train.resolve import ResolvedStage, match_paths, resolve_stage
-from longvila_jax.train.state import (
-    ModelTemplate,
-    create_state,
-    flatten_model,
-    init_lora,
-    model_params,
-    nest,
-    unnest,
-)
+from longvila_jax.train.start import StateLayout, prepare_init, runtime_model
+from longvila_jax.train.state import ModelTemplate, model_params
 from longvila_jax.train.step import jit_step, make_train_step
 
 EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_CONFIG = 2
+EXIT_FAILED = 1  # a bad input (InputError): one ``error: ...`` line from the CLI
+EXIT_CONFIG = 2  # a bad config (ConfigError): one ``config error: ...`` line, nothing compiled
 EXIT_NONFINITE = 3
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: rerun the same command to continue
-
-INIT_DIR = "init"
-
-
-def init_source(stage: StageConfig) -> tuple[str, Any]:
-    """Classifies ``init_from``: ("random", None), ("stage", path), ("hf", (llm, vision)) or
-    ("path", path)."""
-    src = stage.init_from
-    if src == "random":
-        return "random", None
-    if src.startswith("stage:"):
-        return "stage", Path(stage.run_dir).parent / src[len("stage:") :] / FINAL_DIR
-    if src.startswith("hf:"):
-        llm, vision = src[3:].split("|")
-        return "hf", (Path(llm), Path(vision))
-    return "path", Path(src)
+# How each early end of training (a hooks.Stop) exits: the one place they meet the codes.
+EXIT_CODES: dict[type[Stop], int] = {
+    NonFiniteSteps: EXIT_NONFINITE,
+    NonFiniteCheckpoint: EXIT_NONFINITE,
+    Preempted: EXIT_PREEMPTED,
+}
 
 
-def prepare_init(resolved: ResolvedStage, run_dir: Path, primary: bool) -> Path | None:
-    """The project checkpoint the stage starts from (imported into ``run_dir/init`` if needed).
+@dataclasses.dataclass(frozen=True)
+class RunParts:
+    """What one launch of a stage trains with (built by :func:`run_stage`)."""
 
-    Returns:
-      None for a random init, else a project checkpoint directory.
+    stage: StageConfig
+    step_fn: Any  # the jitted train step (``train.step.jit_step``)
+    objective: Objective
+    data: DataIterator
+    checkpointer: Checkpointer
+    kill: KillSwitch
+    metrics: MetricsWriter
+    fingerprint: dict  # ``fingerprint.stage_fingerprint``, stored in every checkpoint
 
-    Raises:
-      ConfigError: ``init_from`` names nothing usable.
+
+class Preemption:
+    """SIGTERM sets :attr:`requested`; the loop then saves the current step and stops.
+
+    A context manager: the previous SIGTERM handler is back once training ends.
     """
-    from longvila_jax.ckpt import orbax_io
-
-    kind, value = init_source(resolved.stage)
-    if kind == "random":
-        return None
-    target = run_dir / INIT_DIR
-    if kind in ("stage", "path") and orbax_io.is_project_checkpoint(value):
-        orbax_io.verify_checkpoint(value)  # a tampered or damaged start is refused, named
-        return value
-    if kind == "stage":
-        raise ConfigError("init_from", f"{value} is not a finished stage (no project checkpoint)")
-    if not target.exists() and primary:
-        from longvila_jax.ckpt import vila_import
-
-        if kind == "hf":
-            from longvila_jax.ckpt.hf_parts_import import import_hf_parts
-
-            import_hf_parts(
-                value[0],
-                value[1],
-                target,
-                projector_type=resolved.model.projector.type,
-                seed=resolved.stage.seed,
-            )
-        elif (value / "config.json").is_file():
-            vila_import.import_vila(value, target)
-        else:
-            raise ConfigError(
-                "init_from", f"{value} is neither a project checkpoint nor a VILA dir"
-            )
-    barrier("init-import")
-    orbax_io.verify_checkpoint(target)
-    return target
-
-
-def runtime_model(resolved: ResolvedStage, init_ckpt: Path | None) -> ModelConfig:
-    """The model actually trained: the checkpoint's config + ``model_set`` + RoPE changes.
-
-    Raises:
-      ConfigError: the checkpoint's parameter tree differs from the stage's model YAML.
-    """
-    if init_ckpt is None:
-        return resolved.model
-    from longvila_jax.ckpt import orbax_io
-    from longvila_jax.train.state import abstract_param_paths
-
-    st = resolved.stage
-    extra = st.rope.overrides() if st.rope else ()
-    cfg = orbax_io.read_model_config(init_ckpt, (*st.model_set, *extra))
-    got = abstract_param_paths(cfg, with_shapes=True)
-    want = abstract_param_paths(resolved.model, with_shapes=True)
-    if got != want:
-        diff = sorted(k for k in set(got) | set(want) if got.get(k) != want.get(k))
-        raise ConfigError(
-            "model",
-            f"{init_ckpt} holds a different model than {st.model}: {diff[0]} is "
-            f"{got.get(diff[0])} there and {want.get(diff[0])} in the YAML",
-        )
-    return cfg
-
-
-def initial_params(cfg: ModelConfig, init_ckpt: Path | None, template, shardings, seed: int):
-    """Flat params placed with ``shardings``: random (seeded) or restored from a checkpoint."""
-    if init_ckpt is None:
-        from longvila_jax.models.vlm import LongVILA
-
-        def make():
-            with nnx.use_eager_sharding(False):
-                return flatten_model(LongVILA(cfg, rngs=nnx.Rngs(seed)))
-
-        return jax.jit(make, out_shardings=shardings)()
-    from longvila_jax.ckpt import orbax_io
-    from longvila_jax.ckpt.checks import check_stored_params
-
-    # Every stored parameter, its shape and dtype against the model (CheckpointError naming
-    # it); prepare_init has verified the manifest, so the load does not hash the files again.
-    check_stored_params(cfg, orbax_io.stored_tree(init_ckpt), init_ckpt)
-    flat = unnest(
-        orbax_io.load_params(
-            init_ckpt, dtype=cfg.param_dtype, shardings=nest(shardings), verify=False
-        )
-    )
-    return {n: flat[n] for n in template.names}
-
-
-class _Preemption:
-    """SIGTERM sets a flag; the loop saves after the current step and exits."""
 
     def __init__(self):
         self.requested = False
-        self._old = signal.signal(signal.SIGTERM, self._handle)
+        self._previous = None
 
-    def _handle(self, signum, frame):
+    def _handle(self, signum, frame) -> None:
         self.requested = True
 
-    def restore(self):
-        signal.signal(signal.SIGTERM, self._old)
+    def __enter__(self) -> Preemption:
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+def training_steps(
+    state: dict,
+    steps: range,
+    step_fn: Any,
+    objective: Objective,
+    data: DataIterator,
+    on_compiled: Callable[[Any], None],
+) -> Iterator[StepResult]:
+    """Runs the train step on the next batch for each of ``steps``, yielding each step as soon
+    as it is dispatched (the device may still be computing it).
+
+    Args:
+      state: the train state before ``steps[0]``.
+      steps: the 0-based step indices to run (``range(first, stage.steps)``).
+      step_fn: the jitted train step.
+      objective: turns host batches into the step's device arrays.
+      data: the data iterator (one global batch per step).
+      on_compiled: called once with the compiled step.
+
+    Yields:
+      A :class:`StepResult` per step. While the caller holds it the generator is paused, so
+      the data iterator stands just past that step's batch (what a checkpoint must save).
+
+    Raises:
+      RuntimeError: the data ran out before the last step.
+    """
+    compiled = None
+    for index in steps:
+        try:
+            batch = next(data)
+        except StopIteration:  # inside a generator it would surface as a bare RuntimeError
+            raise RuntimeError(f"the data ran out before step {index + 1}") from None
+        device_batch = objective.to_device(batch)
+        if compiled is None:
+            # Compiled ahead of time on the first batch (static shapes), so the memory analysis
+            # can be logged before the first step runs.
+            compiled = step_fn.lower(state, device_batch).compile()
+            on_compiled(compiled)
+        state, metrics = compiled(state, device_batch)  # returns once dispatched
+        # The record's host-side fields are taken now, while the device computes: the skip
+        # counts must be those after this batch, before the next one is drawn.
+        yield StepResult(index + 1, state, metrics, batch_fields(batch, data.skip_counts))
+
+
+def train(parts: RunParts, state: dict, first_step: int) -> dict:
+    """Runs steps ``first_step`` .. ``stage.steps`` with the run's hooks.
+
+    Args:
+      parts: the launch's parts.
+      state: the train state after ``first_step`` steps.
+      first_step: completed steps so far (the restored checkpoint's, or 0).
+
+    Returns:
+      The train state after the last step, once its checkpoint is committed.
+
+    Raises:
+      Stop: training ended early (halted, preempted); :func:`run_stage` maps it to an exit code.
+    """
+    stage = parts.stage
+    metrics = LateMetrics(parts.metrics)
+    hooks = Hooks()
+    hooks.add(metrics)
+    hooks.add(metrics.kill_after_step(parts.kill))
+    hooks.add(NonFiniteHalt(metrics, stage.max_consecutive_nonfinite))
+    hooks.add(
+        CheckpointHook(parts.checkpointer, parts.data, metrics, parts.fingerprint),
+        every=stage.checkpoint.every,
+    )
+
+    def log_compiled(compiled) -> None:
+        memory = compiled.memory_analysis()
+        parts.metrics.event("compiled", memory=str(memory) if memory is not None else None)
+
+    steps = training_steps(
+        state,
+        range(first_step, stage.steps),
+        parts.step_fn,
+        parts.objective,
+        parts.data,
+        log_compiled,
+    )
+    with Preemption() as preemption, contextlib.closing(steps):
+        try:
+            for result in steps:
+                # Read once: the step that saves for a preemption is the step that stops.
+                preempting = preemption.requested
+                hooks.run(result, final=preempting or result.step == stage.steps)
+                if preempting:
+                    raise Preempted(
+                        f"preempted: step {result.step} committed; rerun the command to continue",
+                        step=result.step,
+                    )
+                state = result.state
+        except BaseException:
+            # A failing step (bad data, a device error) keeps the records of the steps before
+            # it, as a loop reading every step at once would. A second error while reading is
+            # dropped so that the caller sees the first one. (After a Stop nothing is pending.)
+            with contextlib.suppress(Exception):
+                metrics.flush()
+            raise
+    metrics.flush()
+    parts.checkpointer.wait()
+    return state
+
+
+def _stopped(stop: Stop, checkpointer: Checkpointer, metrics: MetricsWriter) -> int:
+    """Logs an early end of training; returns its exit code (:data:`EXIT_CODES`)."""
+    if stop.wait_for_save:
+        checkpointer.wait()
+    metrics.event(stop.event, **stop.fields)
+    print(stop.message)
+    return EXIT_CODES[type(stop)]
+
+
+def _final_phase(
+    parts: RunParts, resolved: ResolvedStage, state: dict, init_ckpt: Path | None
+) -> None:
+    """Writes ``final/`` (LoRA merged) and, with ``export_vila``, ``vila/``."""
+    stage = parts.stage
+    run_dir = Path(stage.run_dir)
+    parts.kill.at("stage_transition", stage.steps)
+    finish.arm_kill(run_dir, stage.steps)
+    parts.metrics.event("final_phase", step=stage.steps)
+    lora_scale = stage.lora.scale if stage.lora else None
+    flat = jax.jit(lambda s: model_params(s, lora_scale))(state)
+    tokenizer = finish.export_tokenizer_dir(resolved.data) if stage.export_vila else None
+    finish.finish_stage(
+        run_dir,
+        resolved.model,
+        flat,
+        init_ckpt,
+        tokenizer,
+        step=stage.steps,
+        event=parts.metrics.event,
+    )
 
 
 def run_stage(
@@ -206,10 +265,7 @@ def run_stage(
       fail_fast: stop at the first bad sample with a ``SampleError`` naming it
         (``DataConfig.fail_fast``; not part of the resume fingerprint).
     """
-    from longvila_jax.data.pipeline import DataIterator
-    from longvila_jax.parallel.host_shards import data_shard
-    from longvila_jax.parallel.mesh import make_mesh
-
+    # Joins a multi-process job before anything touches the JAX backend.
     info = multihost.initialize()
     resolved = resolve_stage(
         stage,
@@ -229,47 +285,26 @@ def run_stage(
         return EXIT_OK
     run_dir.mkdir(parents=True, exist_ok=True)
     init_ckpt = prepare_init(resolved, run_dir, primary)
-    model_cfg = runtime_model(resolved, init_ckpt)
-    resolved = dataclasses.replace(resolved, model=model_cfg)
+    # From here on the model is the start checkpoint's own config (+ model_set, RoPE changes).
+    resolved = dataclasses.replace(resolved, model=runtime_model(resolved, init_ckpt))
     mesh = make_mesh(resolved.mesh)
-    template = ModelTemplate.build(model_cfg)
+    template = ModelTemplate.build(resolved.model)
     match_paths(stage.trainable, list(template.names), "trainable")
-    param_sh = template.shardings(mesh, resolved.mesh.param_rules)
+    param_shardings = template.shardings(mesh, resolved.mesh.param_rules)
     optimizer = make_optimizer(stage.optim, stage.steps)
-    schedule = make_schedule(stage.optim, stage.steps)
-    lora_scale = stage.lora.scale if stage.lora else None
-    trainable = set(resolved.trainable_paths)
-
-    def build(params, lora, rng):
-        return create_state(params, trainable, optimizer, lora=lora, rng=rng)
-
-    abstract_lora = (
-        jax.eval_shape(
-            lambda: init_lora(
-                template.shapes, resolved.lora_paths, stage.lora.rank, jax.random.key(0)
-            )
-        )
-        if stage.lora
-        else None
-    )
-    abstract = jax.eval_shape(
-        build, dict(template.shapes), abstract_lora, jax.ShapeDtypeStruct((2,), jnp.uint32)
-    )
-    from longvila_jax.train.state import state_shardings
-
-    st_sh = state_shardings(abstract, param_sh, mesh, optimizer)
+    layout = StateLayout.of(resolved, template, optimizer, param_shardings, mesh)
     kill = KillSwitch.from_env()
-    ckpt = Checkpointer(run_dir / "checkpoints", stage.checkpoint, kill)
+    checkpointer = Checkpointer(run_dir / "checkpoints", stage.checkpoint, kill)
     # Rows are read per data shard, not per process: the processes of one sequence-parallel
     # group read the same rows and each supplies its devices' slices (``host_shards``).
     shard = data_shard(mesh, resolved.mesh.activation_rules.get("batch", ()))
-    data_it = DataIterator(resolved.data, shard.index, shard.count)
+    data = DataIterator(resolved.data, shard.index, shard.count)
     fingerprint = stage_fingerprint(stage, resolved)
     try:  # the newest step matching its integrity manifest; corrupt newer ones moved aside
-        latest = ckpt.restorable_step()
+        latest = checkpointer.restorable_step()
     except CorruptCheckpoints:
-        ckpt.close()
-        data_it.close()
+        checkpointer.close()
+        data.close()
         raise
     metrics = MetricsWriter(
         run_dir,
@@ -280,131 +315,54 @@ def run_stage(
         progress=progress,
     )
     try:
-        for step, problem in ckpt.rejected:
+        for step, problem in checkpointer.rejected:
             metrics.event("checkpoint_rejected", step=step, problem=problem)
         if latest is not None:
-            check_resume_config(ckpt.read_meta(latest).get("stage"), fingerprint, run_dir, latest)
+            stored = checkpointer.read_meta(latest).get("stage")
+            check_resume_config(stored, fingerprint, run_dir, latest)
         if primary:  # only now: a refused config must not replace the one that wrote the run
             save_yaml(stage, run_dir / "stage.yaml")
         if latest is not None:
-            target = jax.tree.map(
-                lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, st_sh
-            )
-            state, meta = ckpt.restore(latest, target, data_it)
-            start = latest
+            # The data iterator is restored in place, to just past the checkpoint's last batch.
+            state, _ = checkpointer.restore(latest, layout.restore_target(), data)
             metrics.event("resume", step=latest)
         else:
-            key = jax.random.key(stage.seed)
-            params = initial_params(model_cfg, init_ckpt, template, param_sh, stage.seed)
-            lora = (
-                init_lora(template.shapes, resolved.lora_paths, stage.lora.rank, key)
-                if stage.lora
-                else None
-            )
-            rng = jax.random.key_data(jax.random.fold_in(key, 1)).astype(jnp.uint32)
-            state = jax.jit(build, out_shardings=st_sh)(params, lora, rng)
-            start = 0
-        factory = objective_factory or OBJECTIVES[stage.objective]
-        objective = factory(resolved, mesh)
-        step_fn = jit_step(
-            make_train_step(template, objective, optimizer, schedule, lora_scale=lora_scale),
-            st_sh,
-            objective.shardings(),
-            mesh,
+            state = layout.fresh(resolved, template, init_ckpt, param_shardings)
+        objective = (objective_factory or OBJECTIVES[stage.objective])(resolved, mesh)
+        train_step = make_train_step(
+            template,
+            objective,
+            optimizer,
+            make_schedule(stage.optim, stage.steps),
+            lora_scale=stage.lora.scale if stage.lora else None,
         )
-        code = _train(
-            stage, state, start, step_fn, objective, data_it, ckpt, kill, metrics, fingerprint
-        )
-        if isinstance(code, int):
-            return code
-        state = code
-        kill.at("stage_transition", stage.steps)
-        finish.arm_kill(run_dir, stage.steps)
-        metrics.event("final_phase", step=stage.steps)
-        flat = jax.jit(lambda s: model_params(s, lora_scale))(state)
-        tok = finish.export_tokenizer_dir(resolved.data) if stage.export_vila else None
-        finish.finish_stage(
-            run_dir, model_cfg, flat, init_ckpt, tok, step=stage.steps, event=metrics.event
-        )
+        step_fn = jit_step(train_step, layout.shardings, objective.shardings(), mesh)
+        parts = RunParts(stage, step_fn, objective, data, checkpointer, kill, metrics, fingerprint)
+        try:
+            state = train(parts, state, latest or 0)
+        except Stop as stop:
+            return _stopped(stop, checkpointer, metrics)
+        # A relaunch after a kill in this phase restores the last checkpoint (no step left to
+        # run) and comes straight here; finish_stage keeps what an earlier launch wrote.
+        _final_phase(parts, resolved, state, init_ckpt)
         return EXIT_OK
     finally:
         metrics.close()
-        ckpt.close()
-        data_it.close()
-
-
-def _train(stage, state, start, step_fn, objective, data_it, ckpt, kill, metrics, fingerprint):
-    """Steps ``start`` .. ``stage.steps``; returns the final state, or an exit code."""
-    preempt = _Preemption()
-    compiled = None
-    last_saved = start
-    try:
-        for step in range(start, stage.steps):
-            batch = next(data_it)
-            dev = objective.to_device(batch)
-            if compiled is None:
-                compiled = step_fn.lower(state, dev).compile()
-                mem = compiled.memory_analysis()
-                metrics.event("compiled", memory=str(mem) if mem is not None else None)
-            state, m = compiled(state, dev)
-            m = jax.device_get(m)
-            done = step + 1
-            seg = np.asarray(batch["segment_ids"])
-            metrics.write(
-                {
-                    "step": done,
-                    "loss": float(m["loss"]),
-                    "loss_bits": float_bits(m["loss"]),
-                    "lr": float(m["lr"]),
-                    "grad_norm": float(m["grad_norm"]),
-                    "tokens": float(m["tokens"]),
-                    "tokens_total": int((seg > 0).sum()),
-                    "applied": bool(m["applied"]),
-                    "nonfinite": int(m["nonfinite"]),
-                    "consecutive_nonfinite": int(m["consecutive_nonfinite"]),
-                    "empty_batches": int(m["empty"]),
-                    "skipped_samples": data_it.skip_counts,
-                    "sample_ids": sample_ids(batch),
-                    "batch_sha256": batch_fingerprint(batch),
-                }
-            )
-            kill.at("after_step", done)
-            if int(m["consecutive_nonfinite"]) >= stage.max_consecutive_nonfinite:
-                ckpt.wait()
-                metrics.event("halt_nonfinite", step=done, count=int(m["consecutive_nonfinite"]))
-                print(f"halting: {int(m['consecutive_nonfinite'])} non-finite steps in a row")
-                return EXIT_NONFINITE
-            if done % stage.checkpoint.every == 0 or done == stage.steps or preempt.requested:
-                meta = {"step": done, "stage": fingerprint, "skips": data_it.skip_counts}
-                try:
-                    ckpt.save(done, state, data_it, meta)
-                except NonFiniteState as e:
-                    metrics.event("halt_nonfinite_state", step=done, error=str(e))
-                    print(f"halting: {e}")
-                    return EXIT_NONFINITE
-                last_saved = done
-                metrics.event("checkpoint", step=done)
-            if preempt.requested:
-                ckpt.wait()
-                metrics.event("preempted", step=last_saved)
-                print(f"preempted: step {last_saved} committed; rerun the command to continue")
-                return EXIT_PREEMPTED
-        ckpt.wait()
-        return state
-    finally:
-        preempt.restore()
+        checkpointer.close()
+        data.close()
 
 
 __all__ = [
+    "EXIT_CODES",
     "EXIT_CONFIG",
     "EXIT_FAILED",
     "EXIT_NONFINITE",
     "EXIT_OK",
     "EXIT_PREEMPTED",
-    "init_source",
-    "initial_params",
-    "prepare_init",
+    "FINAL_DIR",
+    "RunParts",
     "run_stage",
-    "runtime_model",
+    "train",
+    "training_steps",
     "write_final",
 ]

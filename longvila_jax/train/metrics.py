@@ -6,6 +6,11 @@ record holds the step, loss (and its float32 bit pattern, for bit-exact comparis
 norm, supervised and total tokens, the data pipeline's cumulative skipped samples by reason, the
 non-finite counters, the consumed sample ids and a SHA-256 fingerprint of the global batch.
 TensorBoard scalars are written with tensorboardX (no TensorFlow). Only process 0 writes.
+
+The loop builds a record from :func:`batch_fields` (taken when the step is dispatched) and the
+step's metrics (:func:`step_record`), which it reads one step late (``train.hooks.LateMetrics``),
+so a record is written about one step after its step ran; the throughput fields are measured
+when it is written.
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tensorboardX import SummaryWriter
+from tqdm import tqdm
 
 METRICS_FILE = "metrics.jsonl"
 _SCALARS = ("loss", "lr", "grad_norm", "tokens", "tokens_per_s", "steps_per_s")
@@ -45,6 +52,44 @@ def sample_ids(batch: Mapping[str, np.ndarray]) -> list[int]:
     return [int(i) for i in ids if i >= 0]
 
 
+def batch_fields(batch: Mapping[str, np.ndarray], skip_counts: Mapping[str, int]) -> dict:
+    """The host-side fields of a step record, taken when the step is dispatched.
+
+    Args:
+      batch: the host batch of the step (``segment_ids`` [rows, length], ``sample_index``...).
+      skip_counts: the data iterator's skipped samples by reason after drawing ``batch``.
+    """
+    return {
+        "tokens_total": int((np.asarray(batch["segment_ids"]) > 0).sum()),
+        "skipped_samples": dict(skip_counts),
+        "sample_ids": sample_ids(batch),
+        "batch_sha256": batch_fingerprint(batch),
+    }
+
+
+def step_record(step: int, values: Mapping[str, Any], fields: Mapping[str, Any]) -> dict:
+    """One ``metrics.jsonl`` step record (before :meth:`MetricsWriter.write` adds throughput).
+
+    Args:
+      step: completed steps after this one (1-based).
+      values: the step's metrics read to the host (``train.step``: scalars).
+      fields: :func:`batch_fields` of its batch.
+    """
+    return {
+        "step": step,
+        "loss": float(values["loss"]),
+        "loss_bits": float_bits(values["loss"]),
+        "lr": float(values["lr"]),
+        "grad_norm": float(values["grad_norm"]),
+        "tokens": float(values["tokens"]),
+        "applied": bool(values["applied"]),
+        "nonfinite": int(values["nonfinite"]),
+        "consecutive_nonfinite": int(values["consecutive_nonfinite"]),
+        "empty_batches": int(values["empty"]),
+        **fields,
+    }
+
+
 class MetricsWriter:
     """Writes per-step records and drives the progress bar.
 
@@ -54,6 +99,7 @@ class MetricsWriter:
       start_step: first step this process runs (after a resume).
       tensorboard: also write TensorBoard event files.
       enabled: False on non-primary processes.
+      progress: show a progress bar (tqdm).
     """
 
     def __init__(
@@ -75,13 +121,9 @@ class MetricsWriter:
         self._file = self.path.open("a") if enabled else None
         self._tb = None
         if enabled and tensorboard:
-            from tensorboardX import SummaryWriter
-
             self._tb = SummaryWriter(str(Path(run_dir) / "tb"))
         self._bar = None
         if enabled and progress:
-            from tqdm import tqdm
-
             self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
 
     def write(self, record: dict[str, Any]) -> None:
@@ -145,8 +187,10 @@ def read_metrics(path: str | Path) -> dict[int, dict[str, Any]]:
 __all__ = [
     "METRICS_FILE",
     "MetricsWriter",
+    "batch_fields",
     "batch_fingerprint",
     "float_bits",
     "read_metrics",
     "sample_ids",
+    "step_record",
 ]

@@ -16,6 +16,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+import jax
+
 
 @dataclass(frozen=True)
 class ProcessInfo:
@@ -55,8 +57,6 @@ def initialize() -> ProcessInfo:
     Returns:
       The process index/count and device counts.
     """
-    import jax
-
     kw = _explicit()
     if kw is not None and kw["num_processes"] > 1:
         if not jax.distributed.is_initialized():

@@ -27,6 +27,8 @@ def read_run(path: Path) -> list[dict]:
 
 def plot(runs: list[Path], out: Path, title: str | None = None) -> None:
     """Writes the figure for ``runs`` (in order) to ``out``."""
+    # Imported here: the Agg backend must be chosen before pyplot loads, and callers of
+    # read_run or loss_drop need not load matplotlib.
     import matplotlib
 
     matplotlib.use("Agg")

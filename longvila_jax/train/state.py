@@ -26,20 +26,21 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from longvila_jax.config.model import ModelConfig
 from longvila_jax.core import trees
+from longvila_jax.models.vlm import LongVILA
+from longvila_jax.parallel.mesh import logical_to_spec
 
 Flat = dict[str, Any]
 
 
 def abstract_model(cfg: ModelConfig):
     """The LongVILA model with ShapeDtypeStruct leaves (no allocation)."""
-    from longvila_jax.models.vlm import LongVILA
-
     with nnx.use_eager_sharding(False):
         return nnx.eval_shape(lambda: LongVILA(cfg, rngs=nnx.Rngs(0)))
 
@@ -110,8 +111,6 @@ class ModelTemplate:
         A dimension whose size the mesh axes do not divide is replicated instead (GSPMD needs
         even shards for jit arguments).
         """
-        from longvila_jax.parallel.mesh import logical_to_spec
-
         out = {}
         for n in self.names:
             axes = self.logical_axes.get(n)
@@ -195,11 +194,12 @@ def apply_lora(flat: Mapping[str, jax.Array], adapters: Mapping, scale: float) -
 
 def split_params(flat: Mapping[str, Any], trainable: set[str] | tuple[str, ...]) -> dict:
     """{'trainable': nested, 'frozen': nested} ('frozen' omitted when empty)."""
-    tr = {k: v for k, v in flat.items() if k in set(trainable)}
-    fr = {k: v for k, v in flat.items() if k not in set(trainable)}
-    out = {"trainable": nest(tr)}
-    if fr:
-        out["frozen"] = nest(fr)
+    trainable = set(trainable)
+    moving = {k: v for k, v in flat.items() if k in trainable}
+    frozen = {k: v for k, v in flat.items() if k not in trainable}
+    out = {"trainable": nest(moving)}
+    if frozen:
+        out["frozen"] = nest(frozen)
     return out
 
 
@@ -242,27 +242,25 @@ def create_state(flat_params: Flat, trainable, optimizer, *, lora=None, rng=None
 def state_shardings(abstract_state: Mapping, param_shardings: Flat, mesh: Mesh, optimizer) -> dict:
     """Shardings of a train state: parameters (and their Adam moments) follow the parameter
     shardings, LoRA adapters, counters and scalars are replicated."""
-    import optax
-
-    rep = NamedSharding(mesh, P())
+    replicated = NamedSharding(mesh, P())
     params = {
         part: nest({k: param_shardings[k] for k in unnest(tree)})
         for part, tree in abstract_state["params"].items()
     }
-    out: dict[str, Any] = {"step": rep, "params": params}
+    out: dict[str, Any] = {"step": replicated, "params": params}
     if "lora" in abstract_state:
-        out["lora"] = jax.tree.map(lambda _: rep, abstract_state["lora"])
-    diff_sh = diff_params(out)
+        out["lora"] = jax.tree.map(lambda _: replicated, abstract_state["lora"])
+    diff_shardings = diff_params(out)
     out["opt"] = optax.tree_map_params(
         optimizer,
         lambda _, sh: sh,
         abstract_state["opt"],
-        diff_sh,
-        transform_non_params=lambda _: rep,
+        diff_shardings,
+        transform_non_params=lambda _: replicated,
         is_leaf=lambda x: isinstance(x, NamedSharding),
     )
-    out["counters"] = jax.tree.map(lambda _: rep, abstract_state["counters"])
-    out["rng"] = rep
+    out["counters"] = jax.tree.map(lambda _: replicated, abstract_state["counters"])
+    out["rng"] = replicated
     return out
 
 

@@ -19,6 +19,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from longvila_jax.train.objective import Objective
 from longvila_jax.train.state import ModelTemplate, apply_lora, diff_params, unnest, unnest_lora
@@ -67,10 +69,10 @@ def make_train_step(
         zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), diff)
 
         def body(carry, micro):
-            g_acc, ce_acc, n_acc = carry
-            (ce, n), g = grad_fn(diff, frozen, micro)
-            g_acc = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), g_acc, g)
-            return (g_acc, ce_acc + ce, n_acc + n), None
+            grad_acc, ce_acc, tokens_acc = carry
+            (ce, tokens), grads = grad_fn(diff, frozen, micro)
+            grad_acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grad_acc, grads)
+            return (grad_acc, ce_acc + ce, tokens_acc + tokens), None
 
         init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
         (g_sum, ce_sum, n_tok), _ = jax.lax.scan(body, init, batch)
@@ -84,12 +86,12 @@ def make_train_step(
         updates, new_opt = optimizer.update(grads, state["opt"], diff)
         new_diff = optax.apply_updates(diff, updates)
         new_diff = _select(ok, new_diff, diff)
-        c = state["counters"]
+        before = state["counters"]
         counters = {
-            "nonfinite": c["nonfinite"] + (~finite).astype(jnp.int32),
-            "consecutive_nonfinite": jnp.where(finite, 0, c["consecutive_nonfinite"] + 1),
-            "empty": c["empty"] + (~nonempty).astype(jnp.int32),
-            "applied": c["applied"] + ok.astype(jnp.int32),
+            "nonfinite": before["nonfinite"] + (~finite).astype(jnp.int32),
+            "consecutive_nonfinite": jnp.where(finite, 0, before["consecutive_nonfinite"] + 1),
+            "empty": before["empty"] + (~nonempty).astype(jnp.int32),
+            "applied": before["applied"] + ok.astype(jnp.int32),
         }
         new_state = dict(state)
         new_state["step"] = state["step"] + 1
@@ -101,10 +103,13 @@ def make_train_step(
         metrics = {
             "loss": loss,
             "grad_norm": grad_norm,
-            "lr": jnp.asarray(schedule(c["applied"]), jnp.float32),
+            "lr": jnp.asarray(schedule(before["applied"]), jnp.float32),
             "tokens": n_tok,
             "applied": ok,
             "finite": finite,
+            # Caution: the counters' cumulative "applied" replaces the per-step flag above, so
+            # the metric (and metrics.jsonl's "applied") is "an update was applied so far".
+            # Kept as is: the records of runs on disk and of the tests compare equal to it.
             **counters,
         }
         return new_state, metrics
@@ -113,15 +118,19 @@ def make_train_step(
 
 
 def jit_step(step: Callable, state_shardings: Any, batch_shardings: Any, mesh) -> Callable:
-    """``jax.jit`` with explicit shardings; the input state is donated."""
-    from jax.sharding import NamedSharding
-    from jax.sharding import PartitionSpec as P
+    """``jax.jit`` with explicit shardings; the input state is donated, the metrics replicated.
 
-    rep = NamedSharding(mesh, P())
+    Args:
+      step: the function of :func:`make_train_step`.
+      state_shardings: the train state's shardings (``train.state.state_shardings``).
+      batch_shardings: the objective's batch shardings (``Objective.shardings``).
+      mesh: the device mesh.
+    """
+    replicated = NamedSharding(mesh, P())
     return jax.jit(
         step,
         in_shardings=(state_shardings, batch_shardings),
-        out_shardings=(state_shardings, rep),
+        out_shardings=(state_shardings, replicated),
         donate_argnums=(0,),
     )
 

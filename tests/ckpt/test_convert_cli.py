@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 import torch
-import vila_fixture as vf
-from hostile import ENV, ROOT, cli
+from helpers import vila_fixture as vf
+from helpers.hostile import ENV, ROOT, cli
 
 
 def _files(d: Path) -> dict[str, bytes]:

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import safetensors.numpy
-import vila_fixture as vf
+from helpers import vila_fixture as vf
 
 from longvila_jax.ckpt import orbax_io
 from longvila_jax.ckpt.safetensors_io import CheckpointError

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import vila_fixture as vf
-from hostile import cli, edit_json, reseal, tree
+from helpers import vila_fixture as vf
+from helpers.hostile import cli, edit_json, reseal, tree
 
 from longvila_jax.ckpt import orbax_io, provenance
 from longvila_jax.ckpt.integrity import seal_checkpoint

@@ -18,8 +18,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-import vila_fixture as vf
-from hostile import edit_json, no_hang, tree
+from helpers import vila_fixture as vf
+from helpers.hostile import edit_json, no_hang, tree
 
 from longvila_jax.ckpt import orbax_io
 from longvila_jax.ckpt.vila_import import import_vila

@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import safetensors.numpy
-import vila_fixture as vf
-from hostile import edit_json
+from helpers import vila_fixture as vf
+from helpers.hostile import edit_json
 
 from longvila_jax.ckpt.hf_parts_import import import_hf_parts
 from longvila_jax.ckpt.pretrained import load_pretrained, read_vila_params

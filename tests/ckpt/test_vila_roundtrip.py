@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 import torch
 import transformers as tf
-import vila_fixture as vf
 from flax import nnx
-from hf_reference import frames, load_hf, prompt, vlm_logits
+from helpers import vila_fixture as vf
+from helpers.hf_reference import frames, load_hf, prompt, vlm_logits
 
 from longvila_jax.ckpt import orbax_io
 from longvila_jax.ckpt.hf_parts_import import import_hf_parts

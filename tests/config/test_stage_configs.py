@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 import yaml
-from _xla_env import xla_flags
+from helpers.xla_env import xla_flags
 from jax._src import monitoring
 
 from longvila_jax.config.base import ConfigError, load_config
@@ -95,12 +95,36 @@ def test_every_mesh_yaml_validates(path):
 
 @pytest.mark.parametrize("path", DATAS, ids=lambda p: p.stem)
 def test_every_data_yaml_validates(path):
-    assert load_config(DataConfig, path).row_length > 0
+    cfg = load_config(DataConfig, path)
+    assert cfg.row_length % cfg.pad_multiple == 0 and cfg.max_length <= cfg.row_length
+    assert cfg.text_length <= cfg.row_length
+    # Each shipped data file serves a stage, and its geometry fits that stage's model.
+    users = [s for s in map(load_stage, STAGES) if Path(s.data.file).name == path.name]
+    assert users, f"no stage uses {path.name}"
+    for stage in users:
+        r = resolve_stage(stage, num_devices=_devices(stage.mesh), check_files=False)
+        assert r.data.image_size == r.model.vision.image_size, stage.name
+        assert r.data.tokens_per_frame == r.model.tokens_per_frame, stage.name
+
+
+# Visual tokens per frame: (image_size // patch_size) patches per side, merged k x k by the
+# projector (2 x 2 for mlp_downsample*): 384 px -> 27 -> ceil(27 / 2) = 14 -> 196 tokens, as in
+# the LongVILA paper; 448 px -> 32 -> 16 -> 256 (NVILA-era towers).
+TOKENS_PER_FRAME = {
+    "llama3-longvila-8b": (384, 196),
+    "qwen2-1.5b-longvila-256f": (384, 196),
+    "qwen2-7b-longvila-1m": (384, 196),
+    "qwen2-7b-longvila-256f": (448, 256),
+    "longvila-r1-7b": (448, 256),
+    "tiny-qwen2": (64, 4),
+    "tiny-llama": (70, 9),
+}
 
 
 @pytest.mark.parametrize("path", MODELS, ids=lambda p: p.stem)
 def test_every_model_yaml_validates(path):
-    assert load_config(ModelConfig, path).tokens_per_frame > 0
+    cfg = load_config(ModelConfig, path)
+    assert (cfg.vision.image_size, cfg.tokens_per_frame) == TOKENS_PER_FRAME[path.stem]
 
 
 # ------------------------------------------------------------------ malformed configs

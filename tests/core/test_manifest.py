@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 import pytest
-from _limits import time_limit
+from helpers.limits import time_limit
 
 from longvila_jax.core.errors import CheckpointError
 from longvila_jax.core.manifest import MANIFEST_FILE, tree_files, verify_dir, write_manifest

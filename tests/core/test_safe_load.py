@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from _limits import time_limit
+from helpers.limits import time_limit
 
 from longvila_jax.config.base import ConfigError, load_config, load_yaml, parse_override
 from longvila_jax.config.model import ModelConfig

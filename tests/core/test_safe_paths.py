@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 import pytest
-from _limits import time_limit
+from helpers.limits import time_limit
 
 from longvila_jax.core.errors import CheckpointError, ConfigError
 from longvila_jax.core.safe_paths import (

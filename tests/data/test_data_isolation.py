@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 
 import pytest
-from _limits import time_limit
+from helpers.limits import time_limit
 
 from longvila_jax.core.errors import InputError
 from longvila_jax.data import sources

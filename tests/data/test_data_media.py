@@ -12,7 +12,7 @@ import zlib
 
 import numpy as np
 import pytest
-from _limits import time_limit
+from helpers.limits import time_limit
 from PIL import Image
 
 from longvila_jax.core.faults import STALL_ENV

@@ -87,9 +87,10 @@ def test_restore_at_every_position(mixed_root, make_cfg):
 
 @pytest.mark.slow
 def test_restore_at_every_position_two_workers(corpus):
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    tests = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tests.parent), str(tests)])}
     out = subprocess.run(
-        [sys.executable, str(Path(__file__).with_name("mp_resume_check.py")), str(corpus), "50"],
+        [sys.executable, "-m", "helpers.mp_resume_check", str(corpus), "50"],
         capture_output=True,
         text=True,
         timeout=240,

@@ -8,7 +8,7 @@ import shutil
 
 import numpy as np
 import pytest
-from _limits import time_limit
+from helpers.limits import time_limit
 
 from longvila_jax.core.errors import ConfigError
 from longvila_jax.data import text as T

@@ -7,15 +7,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _eval_models import TINY, make_model
 from flax import nnx
+from helpers.eval_models import TINY, make_model
 
 from longvila_jax.config.base import load_config
 from longvila_jax.config.model import ModelConfig
 from longvila_jax.data.synthetic import NEEDLE_QUESTION, train_tokenizer
 from longvila_jax.data.text import QWEN2_SYSTEM, load_tokenizer
 from longvila_jax.eval.needles import make_haystack_video, make_needles, write_needles
-from longvila_jax.eval.videomme import OPTION_PROMPT, POST_PROMPT
+from longvila_jax.eval.videomme_annotations import OPTION_PROMPT, POST_PROMPT
 from longvila_jax.models import LongVILA
 
 

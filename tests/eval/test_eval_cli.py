@@ -10,12 +10,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _eval_models import ROOT, make_model
-from _xla_env import FAST_COMPILE
 from flax import nnx
+from helpers.eval_models import ROOT, make_model
+from helpers.xla_env import FAST_COMPILE
 
 from longvila_jax.core import trees
-from longvila_jax.eval.cli import parse_numbers, videomme_main, vniah_main
+from longvila_jax.eval.cli import parse_numbers
+from longvila_jax.eval.videomme import main as videomme_main
+from longvila_jax.eval.vniah import main as vniah_main
 
 
 def _run(args: list[str], *, devices: bool = True, timeout: int = 300):
@@ -89,7 +91,7 @@ def test_generator_clis(tmp_path):
     assert r.returncode == 0, r.stderr
     rows = [json.loads(x) for x in (tmp_path / "n/needles.jsonl").read_text().splitlines()]
     assert [r["question"].split()[4] for r in rows] == ["number", "word", "number"]
-    from longvila_jax.eval.vniah import load_haystack
+    from longvila_jax.eval.haystack import load_haystack
 
     assert load_haystack(tmp_path / "n/haystack.mp4", 5, 64).shape == (5, 64, 64, 3)
     r = _run(["longvila_jax.eval.videomme_synthetic", str(tmp_path / "v"), "--per-bucket", "1"])
@@ -104,7 +106,7 @@ def test_generator_clis(tmp_path):
 def test_vniah_cli_sequence_parallel(tiny_cfg, tokenizer, tokenizer_dir, haystack, rig, tmp_path):
     """A checkpoint rigged to answer "37" scores 1 in every cell of the SP run on 8 devices."""
     from longvila_jax.eval.needles import make_needles, write_needles
-    from longvila_jax.eval.vniah import prompt_ids
+    from longvila_jax.infer.prompts import prompt_ids
 
     needle = make_needles(1, numbers=["37"])[0]
     write_needles(tmp_path / "needles", [needle])

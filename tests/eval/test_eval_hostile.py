@@ -8,12 +8,12 @@ import json
 import os
 
 import pytest
-from _limits import time_limit
+from helpers.limits import time_limit
 
 from longvila_jax.core.errors import InputError
 from longvila_jax.eval.needles import load_needles, make_needles, numbers_from_manifest
 from longvila_jax.eval.needles import write_needles as write_needle_dir
-from longvila_jax.eval.videomme import MCQuestion, find_video, load_annotations
+from longvila_jax.eval.videomme_annotations import MCQuestion, find_video, load_annotations
 
 ROW = {
     "video_id": "001",

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _eval_models import make_model
+from helpers.eval_models import make_model
 
 from longvila_jax.config.base import apply_overrides, load_yaml
 from longvila_jax.config.data import DataConfig
@@ -17,9 +17,9 @@ from longvila_jax.data.sources import ManifestSource
 from longvila_jax.data.synthetic import NEEDLE_QUESTION, generate
 from longvila_jax.data.text import load_tokenizer
 from longvila_jax.eval.heldout import answer_positions, heldout_accuracy, with_dataset
-from longvila_jax.eval.vniah import prompt_ids
 from longvila_jax.infer.generate import Generator
-from longvila_jax.models.vlm import expand_inputs
+from longvila_jax.infer.prompts import prompt_ids
+from longvila_jax.models.vlm import expand_prompts
 
 ROOT = Path(__file__).resolve().parents[2]
 FRAMES = 8
@@ -45,7 +45,7 @@ def test_answer_positions_point_before_the_answer_tokens():
     sup = np.zeros_like(ids, bool)
     sup[7:10] = True  # answer 21 22, then the end-of-turn token
     pos = answer_positions(ids, sup, np.array([21, 22]), img, tpf)
-    ex = expand_inputs(ids[None], num_frames=2, image_token_id=img, tokens_per_frame=tpf,
+    ex = expand_prompts(ids[None], num_frames=2, image_token_id=img, tokens_per_frame=tpf,
                        vocab_size=64)  # fmt: skip
     # The token after each returned position is the answer token it predicts.
     np.testing.assert_array_equal(ex.text_ids[0, pos + 1], [21, 22])

@@ -7,12 +7,11 @@ import json
 
 import pytest
 
-from longvila_jax.eval.videomme import (
-    accuracy_by_duration,
+from longvila_jax.eval.videomme import accuracy_by_duration, run_videomme
+from longvila_jax.eval.videomme_annotations import (
     load_annotations,
     parse_annotations,
     question_text,
-    run_videomme,
 )
 from longvila_jax.eval.videomme_synthetic import make_synthetic_videomme
 
@@ -153,9 +152,9 @@ def test_accuracy_by_duration():
 @pytest.mark.slow
 def test_end_to_end_letter_scoring_per_bucket(tiny_cfg, tokenizer, rig, tmp_path):
     """A model rigged to answer "A" scores exactly the share of B answers in every bucket."""
-    from _eval_models import make_model
+    from helpers.eval_models import make_model
 
-    from longvila_jax.eval.vniah import prompt_ids
+    from longvila_jax.infer.prompts import prompt_ids
 
     ann = make_synthetic_videomme(tmp_path / "set", per_bucket=2, fps=2, base_seconds=2)
     rows = json.loads(ann.read_text())

@@ -9,18 +9,17 @@ import numpy as np
 import pytest
 
 from longvila_jax.data.text import IMAGE_TOKEN
-from longvila_jax.eval.needles import Needle, load_needles, make_needles
-from longvila_jax.eval.vniah import (
+from longvila_jax.eval.haystack import (
     cell_visual_index,
-    exact_match,
     frame_sources,
     insert_position,
     load_haystack,
     one_fps_indices,
-    prompt_ids,
-    run_vniah,
 )
-from longvila_jax.models.vlm import expand_inputs
+from longvila_jax.eval.needles import Needle, load_needles, make_needles
+from longvila_jax.eval.vniah import exact_match, run_vniah
+from longvila_jax.infer.prompts import prompt_ids
+from longvila_jax.models.vlm import expand_prompts
 
 DEPTHS = [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
 
@@ -86,7 +85,7 @@ def test_needle_lands_at_its_frame_slot_in_the_expanded_sequence(tokenizer, tiny
     n, tpf = 6, tiny_cfg.tokens_per_frame
     ids = prompt_ids(tokenizer, "Q?", n + 1, template="qwen2", image_token_id=3)
     pre = int(np.flatnonzero(ids == 3)[0])  # text tokens before the first frame
-    ex = expand_inputs(
+    ex = expand_prompts(
         ids[None],
         num_frames=n + 1,
         image_token_id=3,
@@ -154,7 +153,7 @@ def test_needles_roundtrip(tmp_path):
 
 def _rigged(cfg, rig, tokenizer, needle: Needle, n: int, emit: str):
     """A model that, teacher-forced on ``needle.answer``, emits ``emit`` (same token count)."""
-    from _eval_models import make_model
+    from helpers.eval_models import make_model
 
     prompt = prompt_ids(tokenizer, needle.question, n + 1, template="qwen2", image_token_id=3)
     answer = tokenizer(needle.answer, add_special_tokens=False)["input_ids"]
@@ -204,7 +203,7 @@ def test_case_and_space_insensitive_through_the_harness(tiny_cfg, tokenizer, hay
 
 @pytest.mark.slow
 def test_sequence_parallel_run_equals_single_device(tiny_model, tokenizer, haystack, needles_dir):
-    from _eval_models import ROOT
+    from helpers.eval_models import ROOT
 
     from longvila_jax.config.base import load_config
     from longvila_jax.parallel.mesh import MeshConfig, make_mesh

@@ -1,6 +1,7 @@
 """End to end: ``python -m longvila_jax.infer`` on a synthetic video and a tiny checkpoint made
 here (random tiny model saved as a project checkpoint with the synthetic corpus's tokenizer),
-and teacher-forced scoring with the MM-SP forward.
+``Generator.generate`` / ``stream`` with sampling settings, and teacher-forced scoring with the
+MM-SP forward.
 
 References are dense single-device recomputations (``LongVILA.__call__``) of the same prompt:
 the CLI's streamed answer must be the greedy continuation they give, token for token, and the
@@ -9,6 +10,7 @@ teacher-forced logits must match them within fp32 1e-5.
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
 
@@ -16,15 +18,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _infer_cases import FAST, max_abs, tiny_config
 from flax import nnx
+from helpers.infer_cases import FAST, max_abs, tiny_config
 
 from longvila_jax.ckpt import orbax_io
 from longvila_jax.data.synthetic import NEEDLE_QUESTION, train_tokenizer
 from longvila_jax.data.text import load_tokenizer
 from longvila_jax.data.video import write_video
-from longvila_jax.infer import Generator
+from longvila_jax.infer import Generator, SamplingParams
 from longvila_jax.infer.__main__ import main
+from longvila_jax.models.vlm import expand_prompts
 from longvila_jax.parallel.mesh import load_mesh_config, make_mesh
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -138,14 +141,41 @@ def test_teacher_forced_matches_dense_forward(setup):
     ref_lp = np.asarray(jax.nn.log_softmax(jnp.asarray(ref), -1))[np.arange(len(ans)), ans]
     assert max_abs(res.logprobs, ref_lp) <= 1e-5
     assert res.exact_match == bool(np.array_equal(ref.argmax(-1), ans))
-    # The full logits at the answer positions, not only their argmax and log-probs.
-    own = gen.forward_logits(
-        [np.concatenate([prompt, ans])],
-        gen.pixel_values(frames),
-        [4],
-        (start + np.arange(len(ans)))[None],
-    )[0]
+    # The full logits at the answer positions (the generator's scorer, the one V-NIAH,
+    # VideoMME and the held-out accuracy use), not only their argmax and log-probs.
+    cfg = model.cfg
+    expanded = expand_prompts(
+        np.concatenate([prompt, ans])[None],
+        num_frames=4,
+        image_token_id=cfg.image_token_id,
+        tokens_per_frame=cfg.tokens_per_frame,
+        vocab_size=cfg.llm.vocab_size,
+    )
+    table = gen.scorer.encode(frames)
+    query = (start + np.arange(len(ans)))[None]
+    own = gen.scorer.logits_at(expanded.text_ids, expanded.visual_index, table, query)[0]
     assert max_abs(own, ref) <= 1e-5
+
+
+def test_generate_and_stream_follow_the_sampling_settings(setup):
+    """``generate`` and ``stream`` take one ``SamplingParams``: the same settings give the same
+    text, the budget bounds the tokens, an extra stop token ends the answer."""
+    model, tok, tmp = setup
+    gen = Generator(model, tok, compiler_options=FAST)
+    video = dict(video=str(tmp / "clip.mp4"), num_frames=4)
+    sampling = SamplingParams(max_new_tokens=NEW, temperature=1.5, seed=3)
+    result = gen.generate(QUESTION, sampling=sampling, **video)
+    assert "".join(gen.stream(QUESTION, sampling=sampling, **video)) == result.text
+    assert 1 <= len(result.tokens) <= NEW and result.num_frames == 4
+    # A stop at the second token: the answer is cut there, with the stop token counted.
+    second = int(result.tokens[1])
+    stopped = gen.generate(
+        QUESTION, sampling=dataclasses.replace(sampling, stop=(second,)), **video
+    )
+    np.testing.assert_array_equal(
+        stopped.tokens, result.tokens[: list(result.tokens).index(second) + 1]
+    )
+    assert stopped.finish_reason == "stop"
 
 
 def test_cli_reports_garbage_model_dir(tmp_path, capsys):

@@ -1,5 +1,6 @@
 """MM-SP decoding parity: sharded-cache decode on 8 simulated devices vs single-device decode
-vs full recomputation without a cache; sampling, stop tokens, the all-gather baseline.
+vs full recomputation without a cache; sampling, stop tokens, the all-gather baseline, all
+through the public ``Generator`` API.
 
 Tiny random fp32 model, two prompt rows of different lengths with 3 and 2 frames, greedy
 decoding of 12 tokens (every shard receives appended tokens, some two). Tolerance (issue 6):
@@ -11,16 +12,15 @@ from __future__ import annotations
 import jax
 import numpy as np
 import pytest
-from _infer_cases import FAST, max_abs, prompts, recompute_logits, tiny_config
 from flax import nnx
+from helpers.infer_cases import FAST, max_abs, prompts, recompute_logits, tiny_config
 
-from longvila_jax.infer import Generator
-from longvila_jax.infer.cache import new_slots_per_shard
-from longvila_jax.infer.decode import make_decode_step
+from longvila_jax.infer import Generator, SamplingParams
 from longvila_jax.parallel.mesh import MeshConfig, make_mesh
 
 TOL = 1e-5
 NEW = 12
+BUDGET = SamplingParams(max_new_tokens=NEW)  # greedy
 
 
 def _mesh(data=1, ring=1, ulysses=1):
@@ -52,9 +52,7 @@ def single(tiny):
 @pytest.fixture(scope="module")
 def greedy_single(tiny, single):
     _, rows, pix, fpr = tiny
-    return single.generate_tokens(
-        rows, pix, fpr, max_new_tokens=NEW, stop_ids=[], return_logits=True
-    )
+    return single.generate_tokens(rows, pix, fpr, sampling=BUDGET, stop_ids=[], return_logits=True)
 
 
 def _check_against(outs, ref_outs, ref_logits):
@@ -82,9 +80,7 @@ def sharded(tiny):
 
 def test_sharded_decode_matches_single_device_and_recompute(tiny, sharded, greedy_single):
     model, rows, pix, fpr = tiny
-    outs = sharded.generate_tokens(
-        rows, pix, fpr, max_new_tokens=NEW, stop_ids=[], return_logits=True
-    )
+    outs = sharded.generate_tokens(rows, pix, fpr, sampling=BUDGET, stop_ids=[], return_logits=True)
     ref = recompute_logits(model, rows, pix, fpr, [o.tokens for o in greedy_single])
     _check_against(outs, greedy_single, ref)
 
@@ -96,35 +92,32 @@ def test_sharded_decode_matches_single_device_and_recompute(tiny, sharded, greed
 def test_sharded_decode_other_meshes(tiny, greedy_single, shape):
     model, rows, pix, fpr = tiny
     gen = Generator(model, None, mesh=_mesh(**shape), compiler_options=FAST)
-    outs = gen.generate_tokens(rows, pix, fpr, max_new_tokens=NEW, stop_ids=[], return_logits=True)
+    outs = gen.generate_tokens(rows, pix, fpr, sampling=BUDGET, stop_ids=[], return_logits=True)
     ref = recompute_logits(model, rows, pix, fpr, [o.tokens for o in greedy_single])
     _check_against(outs, greedy_single, ref)
 
 
-def test_gather_baseline_matches(tiny, sharded, greedy_single):
-    """The all-gather decode (the benchmark baseline) reproduces the greedy run's logits."""
+def test_gather_baseline_matches(tiny, greedy_single):
+    """The all-gather decode (the benchmark baseline) reproduces the greedy run."""
     model, rows, pix, fpr = tiny
-    lp = sharded._layout(rows, fpr)
-    inputs = sharded._device_inputs(lp, pix, lp.laid_out_index(lp.lengths[:, None] - 1))
-    cache, _ = sharded._prefill(
-        sharded.state, *inputs, new_slots=new_slots_per_shard(NEW, sharded.sm.num_shards)
+    gen = Generator(
+        model, None, mesh=_mesh(ring=2, ulysses=4), combine="gather", compiler_options=FAST
     )
-    step = make_decode_step(
-        nnx.graphdef(model), sharded.sm, combine="gather", compiler_options=FAST
-    )
-    tokens = np.stack([o.tokens for o in greedy_single])
-    for t in range(3):  # steps 0..2 append to shards 0..2
-        cache, lg = step(sharded.state, cache, tokens[:, t], lp.lengths + t, np.int32(t))
-        want = np.stack([o.logits[t + 1] for o in greedy_single])
-        assert max_abs(lg, want) <= TOL
+    outs = gen.generate_tokens(rows, pix, fpr, sampling=BUDGET, stop_ids=[], return_logits=True)
+    ref = recompute_logits(model, rows, pix, fpr, [o.tokens for o in greedy_single])
+    _check_against(outs, greedy_single, ref)
 
 
 def test_sampling_reproducible_and_top_p_tiny_is_greedy(tiny, single, greedy_single):
     _, rows, pix, fpr = tiny
-    kw = dict(max_new_tokens=NEW, stop_ids=[])
-    a = single.generate_tokens(rows, pix, fpr, temperature=1.5, top_p=0.95, seed=7, **kw)
-    b = single.generate_tokens(rows, pix, fpr, temperature=1.5, top_p=0.95, seed=7, **kw)
-    c = single.generate_tokens(rows, pix, fpr, temperature=1.5, top_p=0.95, seed=8, **kw)
+
+    def sample(**settings):
+        sampling = SamplingParams(max_new_tokens=NEW, **settings)
+        return single.generate_tokens(rows, pix, fpr, sampling=sampling, stop_ids=[])
+
+    a = sample(temperature=1.5, top_p=0.95, seed=7)
+    b = sample(temperature=1.5, top_p=0.95, seed=7)
+    c = sample(temperature=1.5, top_p=0.95, seed=8)
     for x, y in zip(a, b, strict=True):
         np.testing.assert_array_equal(x.tokens, y.tokens)
     # A random model is nearly uniform at temperature 1.5: other seeds give other tokens.
@@ -132,39 +125,48 @@ def test_sampling_reproducible_and_top_p_tiny_is_greedy(tiny, single, greedy_sin
     assert any(
         not np.array_equal(x.tokens, g.tokens) for x, g in zip(a, greedy_single, strict=True)
     )
-    nucleus = single.generate_tokens(rows, pix, fpr, temperature=1.0, top_p=1e-6, seed=3, **kw)
+    nucleus = sample(temperature=1.0, top_p=1e-6, seed=3)
     for x, g in zip(nucleus, greedy_single, strict=True):
         np.testing.assert_array_equal(x.tokens, g.tokens)
 
 
-def test_stop_token_ends_generation(tiny, single, greedy_single):
+def test_stop_tokens_end_each_row_and_then_the_batch(tiny, single, greedy_single):
     _, rows, pix, fpr = tiny
-    first = greedy_single[0].tokens
-    stop = int(first[4])
-    k = int(np.flatnonzero(first == stop)[0])  # first occurrence in row 0
+    greedy = [o.tokens for o in greedy_single]
+    # One stop id taken from each row's greedy output, early: both rows stop within 4 tokens.
+    stops = [int(greedy[0][2]), int(greedy[1][3])]
+    ends = [int(np.flatnonzero(np.isin(g, stops))[0]) + 1 for g in greedy]  # stop included
     seen = []
     outs = single.generate_tokens(
-        rows, pix, fpr, max_new_tokens=NEW, stop_ids=[stop], on_step=seen.append
+        rows, pix, fpr, sampling=BUDGET, stop_ids=stops, on_step=seen.append
     )
-    np.testing.assert_array_equal(outs[0].tokens, first[: k + 1])
-    assert outs[0].finish_reason == "stop"
-    g1 = greedy_single[1].tokens
-    hit = np.flatnonzero(g1[: len(seen)] == stop)
-    if hit.size:  # row 1 stopped too, at its own first stop token
-        assert outs[1].finish_reason == "stop" and len(outs[1].tokens) == hit[0] + 1
-    else:  # row 1 is cut where generation ended for the batch, or ran to the budget
-        np.testing.assert_array_equal(outs[1].tokens, g1[: len(seen)])
-    # Generation ends as soon as every row has stopped (or the budget is spent).
-    assert len(seen) == NEW or all(o.finish_reason == "stop" for o in outs)
+    for out, tokens, end in zip(outs, greedy, ends, strict=True):
+        np.testing.assert_array_equal(out.tokens, tokens[:end])
+        assert out.finish_reason == "stop"
+    # Generation ends as soon as every row has stopped, well before the budget.
+    assert len(seen) == max(ends) < NEW
+
+
+def test_a_row_that_never_stops_runs_to_the_budget(tiny, single, greedy_single):
+    _, rows, pix, fpr = tiny
+    greedy = [o.tokens for o in greedy_single]
+    only_first = [int(t) for t in greedy[0] if t not in greedy[1]]
+    assert only_first, "pick another model seed: row 0 shares every token with row 1"
+    end = int(np.flatnonzero(greedy[0] == only_first[0])[0]) + 1
+    seen = []
+    outs = single.generate_tokens(
+        rows, pix, fpr, sampling=BUDGET, stop_ids=only_first[:1], on_step=seen.append
+    )
+    np.testing.assert_array_equal(outs[0].tokens, greedy[0][:end])
+    np.testing.assert_array_equal(outs[1].tokens, greedy[1])
+    assert [o.finish_reason for o in outs] == ["stop", "length"] and len(seen) == NEW
 
 
 def test_bad_arguments_raise(tiny, single):
     _, rows, pix, fpr = tiny
-    with pytest.raises(ValueError, match="top_p"):
-        next(single.iter_tokens(rows, pix, fpr, max_new_tokens=2, top_p=0.0))
-    with pytest.raises(ValueError, match="temperature"):
-        next(single.iter_tokens(rows, pix, fpr, max_new_tokens=2, temperature=-1.0))
     with pytest.raises(ValueError, match="row 1"):
-        next(single.iter_tokens(rows, pix, [3, 3], max_new_tokens=2))
+        next(single.iter_tokens(rows, pix, [3, 3], sampling=BUDGET))
+    with pytest.raises(ValueError, match="needs a tokenizer"):
+        single.generate_tokens(rows, pix, fpr, sampling=SamplingParams(stop=("</s>",)))
     with pytest.raises(ValueError, match="ulysses degree 3"):
         Generator(tiny[0], None, mesh=_mesh(ulysses=3))

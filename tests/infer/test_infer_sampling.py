@@ -12,7 +12,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from longvila_jax.infer.sampling import check_sampling, nucleus_mask, sample_logits, step_key
+from longvila_jax.infer.sampling import (
+    SamplingParams,
+    check_sampling,
+    nucleus_mask,
+    sample_logits,
+    step_key,
+)
 
 DRAWS = 40_000
 FREQ_TOL = 0.015
@@ -80,3 +86,14 @@ def test_same_seed_same_draws_other_seed_other_draws():
 def test_bad_settings_raise(temperature, top_p, match):
     with pytest.raises(ValueError, match=match):
         check_sampling(temperature, top_p)
+
+
+def test_sampling_params_are_checked_when_built():
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(top_p=0.0)
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingParams(temperature=-1.0)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        SamplingParams(max_new_tokens=0)
+    params = SamplingParams(stop=[5, "</s>"])  # a list (as argparse gives) is kept as a tuple
+    assert params.stop == (5, "</s>") and hash(params) == hash(SamplingParams(stop=(5, "</s>")))

@@ -22,7 +22,7 @@ import pytest
 import torch
 import transformers as tf
 from flax import nnx
-from reference.torch_projector import TorchProjector
+from helpers.torch_projector import TorchProjector
 
 from longvila_jax.ckpt import mapping
 from longvila_jax.config import ModelConfig, load_config

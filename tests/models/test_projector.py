@@ -1,4 +1,4 @@
-"""Projector parity with the PyTorch reference (tests/reference/torch_projector.py).
+"""Projector parity with the PyTorch reference (tests/helpers/torch_projector.py).
 
 Covers every projector type, both block orders, even and odd patch grids (zero padding before
 the LayerNorm), the token order itself checked from position-coded patches, and the HF name
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
-from reference.torch_projector import TorchProjector
+from helpers.torch_projector import TorchProjector
 
 from longvila_jax.ckpt import mapping
 from longvila_jax.config.model import LLMConfig, ModelConfig, ProjectorConfig, VisionConfig

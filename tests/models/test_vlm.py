@@ -14,12 +14,12 @@ import pytest
 import torch
 import transformers as tf
 from flax import nnx
+from helpers.torch_projector import TorchProjector
 
 from longvila_jax.ckpt import mapping
 from longvila_jax.config.model import LLMConfig, ModelConfig, ProjectorConfig, VisionConfig
 from longvila_jax.models.llm import LLM
-from longvila_jax.models.vlm import LongVILA, expand_inputs
-from tests.reference.torch_projector import TorchProjector
+from longvila_jax.models.vlm import LongVILA, expand_prompts
 
 V, D, DV, IMG = 96, 32, 16, 200  # IMG >= V: must never reach the embedding table
 NL = 7  # the "\n" text token after each frame
@@ -132,7 +132,7 @@ def test_explicit_positions_and_segments(setup):
     cfg, *_, model = setup
     ids = np.array([[5, IMG, NL, 9, 10]])
     pixels = np.random.RandomState(1).standard_normal((1, 70, 70, 3)).astype(np.float32)
-    ex = expand_inputs(ids, num_frames=1, image_token_id=IMG, tokens_per_frame=9, vocab_size=V)
+    ex = expand_prompts(ids, num_frames=1, image_token_id=IMG, tokens_per_frame=9, vocab_size=V)
     default = np.asarray(model(ids, pixels))
     explicit = np.asarray(model(ids, pixels, positions=ex.positions, segment_ids=ex.segment_ids))
     np.testing.assert_array_equal(explicit, default)
@@ -173,24 +173,40 @@ def test_media_ids_never_reach_the_table(setup, monkeypatch):
     np.testing.assert_array_equal(out[0, :2], tokens)
 
 
-def test_expand_inputs_layout():
+def test_per_row_visual_tokens_splice_like_the_flat_ones(setup):
+    """``embed`` with [B, M, D] tokens and row-local indices (packed training rows) splices
+    exactly like [B * M, D] tokens with batch-wide indices (prompts)."""
+    _, *_, model = setup
+    tokens = np.random.default_rng(0).standard_normal((2, 3, D)).astype(np.float32)
+    text_ids = np.array([[IMG, 5, IMG, 6], [7, IMG, IMG, IMG]], np.int32)
+    row_index = np.array([[0, -1, 2, -1], [-1, 1, 0, 2]], np.int32)
+    flat_index = np.where(row_index >= 0, row_index + 3 * np.arange(2)[:, None], -1)
+    per_row = np.asarray(model.embed(text_ids, row_index, tokens))
+    flat = np.asarray(model.embed(text_ids, flat_index.astype(np.int32), tokens.reshape(6, D)))
+    np.testing.assert_array_equal(per_row, flat)
+    np.testing.assert_array_equal(per_row[1, 2], tokens[1, 0])  # its own row's token 0
+    text = np.asarray(model.llm.embed(np.array([[5, 7]], np.int32)))[0]
+    np.testing.assert_array_equal(per_row[[0, 1], [1, 0]], text)
+
+
+def test_expand_prompts_layout():
     ids = np.array([[4, IMG, NL, 5], [IMG, NL, IMG, 6]])
-    ex = expand_inputs(ids, num_frames=3, image_token_id=IMG, tokens_per_frame=2, vocab_size=V)
+    ex = expand_prompts(ids, num_frames=3, image_token_id=IMG, tokens_per_frame=2, vocab_size=V)
     np.testing.assert_array_equal(ex.visual_index, [[-1, 0, 1, -1, -1, -1], [2, 3, -1, 4, 5, -1]])
     np.testing.assert_array_equal(ex.text_ids, [[4, 0, 0, NL, 5, 0], [0, 0, NL, 0, 0, 6]])
     np.testing.assert_array_equal(ex.segment_ids, [[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]])
     np.testing.assert_array_equal(ex.positions, [list(range(6))] * 2)
-    assert expand_inputs(
+    assert expand_prompts(
         ids, num_frames=3, image_token_id=IMG, tokens_per_frame=2, vocab_size=V, pad_to=8
     ).text_ids.shape == (2, 8)
 
 
-def test_expand_inputs_errors():
+def test_expand_prompts_errors():
     ids = np.array([[IMG, NL, IMG]])
     with pytest.raises(ValueError, match="2 image placeholders.*3 frames"):
-        expand_inputs(ids, num_frames=3, image_token_id=IMG, tokens_per_frame=2, vocab_size=V)
+        expand_prompts(ids, num_frames=3, image_token_id=IMG, tokens_per_frame=2, vocab_size=V)
     with pytest.raises(ValueError, match=r"input_ids\[0, 1\] = 150"):
-        expand_inputs(
+        expand_prompts(
             np.array([[IMG, 150]]),
             num_frames=1,
             image_token_id=IMG,

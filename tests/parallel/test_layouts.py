@@ -6,17 +6,19 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from helpers.layout_oracles import (
+    dense_causal_pairs,
+    simulate_zigzag_schedule,
+    vila_hybrid_permutation,
+)
 
 from longvila_jax.core.labels import IGNORE_INDEX
 from longvila_jax.parallel.layouts import (
     apply_layout,
-    dense_causal_pairs,
     inverse_permutation,
     layout_batch,
     shift_labels,
-    simulate_zigzag_schedule,
     undo_layout,
-    vila_hybrid_permutation,
     zigzag_2d_permutation,
 )
 

@@ -25,12 +25,12 @@ from flax import nnx
 from longvila_jax.config.base import load_config
 from longvila_jax.config.model import ModelConfig
 from longvila_jax.core.labels import IGNORE_INDEX
+from longvila_jax.core.loss import token_ce_sum
 from longvila_jax.models.vlm import LongVILA
-from longvila_jax.parallel.layouts import packed_splice_indices
+from longvila_jax.parallel.layouts import expand_packed_rows, zigzag_2d_permutation
 from longvila_jax.parallel.mesh import MeshConfig, load_mesh_config, make_mesh
 from longvila_jax.parallel.mmsp import MMSPPlan
 from longvila_jax.parallel.mmsp_routing import RoutingGeometry, frame_owners, routing_tables
-from longvila_jax.train.objective import token_ce_sum
 from longvila_jax.train.state import ModelTemplate, flatten_model
 
 REPO = Path(__file__).resolve().parents[2]
@@ -95,7 +95,7 @@ def packed_batch(tpf: int, image_size: int, seed: int = 0) -> dict[str, np.ndarr
             pos[r, start:e] = np.arange(e - start)
         assert e <= L and t <= t_max
     # Globally shifted labels: labels[p] = text id at p + 1 when that token is supervised.
-    text_ids, visual = packed_splice_indices(
+    text_ids, visual = expand_packed_rows(
         {"input_ids": ids, "text_to_expanded": t2e, "segment_ids": seg, "frames": frames},
         IMG,
         tpf,
@@ -125,8 +125,8 @@ def packed_batch(tpf: int, image_size: int, seed: int = 0) -> dict[str, np.ndarr
 
 def reference(template: ModelTemplate, flat, batch, tpf):
     """Single-device loss and gradients: dense attention, natural order, all logits at once."""
-    text_ids, visual = packed_splice_indices(batch, IMG, tpf)
-    # packed_splice_indices indexes each row's own visual tokens; the flat [B * F * tpf] tokens of
+    text_ids, visual = expand_packed_rows(batch, IMG, tpf)
+    # expand_packed_rows indexes each row's own visual tokens; the flat [B * F * tpf] tokens of
     # every row are indexed globally here.
     frame_slots = batch["frames"].shape[1]
     offset = np.arange(visual.shape[0])[:, None] * frame_slots * tpf
@@ -275,8 +275,6 @@ def test_frame_owners_balanced_and_empty_slots():
 
 def _simulate_delivery(rank, n_frames, frame_slots, tpf, ring, uly, groups):
     """Runs both hops in numpy: every laid-out visual slot must receive its own token."""
-    from longvila_jax.parallel.layouts import zigzag_2d_permutation
-
     b, length = rank.shape
     sp = ring * uly
     perm = zigzag_2d_permutation(length, ring, uly)
@@ -294,9 +292,9 @@ def _simulate_delivery(rank, n_frames, frame_slots, tpf, ring, uly, groups):
                 src[d, base : base + tpf] = ((g * bl + r) * 100 + f) * tpf + np.arange(tpf)
         send1, send2 = t["send1"][g], t["send2"][g]
         hop1 = np.stack([np.where(send1[s] >= 0, src[s][send1[s]], -1) for s in range(sp)])
-        recv1 = hop1.transpose(1, 0, 2).reshape(sp, -1)  # intermediate i: [src * cap1]
+        recv1 = hop1.transpose(1, 0, 2).reshape(sp, -1)  # intermediate i: [src * hop1_capacity]
         hop2 = np.stack([np.where(send2[i] >= 0, recv1[i][send2[i]], -1) for i in range(sp)])
-        recv2 = hop2.transpose(1, 0, 2).reshape(sp, -1)  # destination d: [inter * cap2]
+        recv2 = hop2.transpose(1, 0, 2).reshape(sp, -1)  # destination d: [inter * hop2_capacity]
         for r in range(bl):
             row = g * bl + r
             laid = rank[row, perm].reshape(sp, n_loc)
@@ -312,11 +310,11 @@ def _simulate_delivery(rank, n_frames, frame_slots, tpf, ring, uly, groups):
 def test_routing_tables_deliver_every_visual_token(ring, uly, groups):
     tpf = tiny_cfg().tokens_per_frame
     batch = packed_batch(tpf, 8)
-    _, rank = packed_splice_indices(batch, IMG, tpf)  # row-local visual indices = per-row ranks
+    _, rank = expand_packed_rows(batch, IMG, tpf)  # row-local visual indices = per-row ranks
     assert all((rank[r] >= 0).any() for r in (0, 1, 2, 3))
     geo, t = _simulate_delivery(rank, batch["frame_mask"].sum(1), F_SLOTS, tpf, ring, uly, groups)
-    assert (t["send1"] >= 0).sum(-1).max() <= geo.cap1
-    assert (t["send2"] >= 0).sum(-1).max() <= geo.cap2 < geo.rows_per_group * L
+    assert (t["send1"] >= 0).sum(-1).max() <= geo.hop1_capacity
+    assert (t["send2"] >= 0).sum(-1).max() <= geo.hop2_capacity < geo.rows_per_group * L
 
 
 @pytest.mark.parametrize("name,accum", [("cpu8_r2u4", 2), ("cpu8_r2u4", 4), ("fsdp2_r2u2", 2)])
@@ -342,7 +340,7 @@ def test_host_arrays_deliver_every_row_of_every_micro_batch(name, accum):
         grad_accum=accum,
     )
     arrays = plan.host_arrays(batch)
-    text_ids, visual = packed_splice_indices(batch, IMG, tpf)
+    text_ids, visual = expand_packed_rows(batch, IMG, tpf)
     b = b_all // accum
     geo = plan.geometry(b)
     sp, fpd, bl, n_loc = plan.sp, geo.frames_per_device, geo.rows_per_group, L // plan.sp

@@ -13,14 +13,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _mmsp_cases import max_abs, max_rel, packed_inputs
-from _mp_worker import HKV, B, D, H, T, run
-from _xla_env import jax_env
+from helpers.mmsp_cases import max_abs, max_rel, packed_inputs
+from helpers.mp_worker import HKV, B, D, H, T, run
+from helpers.xla_env import jax_env
 
 from longvila_jax.core.attention import dense_attention
 from longvila_jax.parallel.mesh import MeshConfig, make_mesh
 
-WORKER = Path(__file__).resolve().parent / "_mp_worker.py"
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -34,11 +33,11 @@ def _free_port() -> int:
 @pytest.mark.multiprocess
 def test_two_processes_match_one_process(tmp_path):
     env = jax_env(4)  # not the 8 devices of conftest.py
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "tests"), env.get("PYTHONPATH", "")])
     port, out = _free_port(), tmp_path / "mp.npz"
     procs = [
         subprocess.Popen(
-            [sys.executable, str(WORKER), str(i), str(port), str(out)],
+            [sys.executable, "-m", "helpers.mp_worker", str(i), str(port), str(out)],
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,

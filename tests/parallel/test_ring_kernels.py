@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _mmsp_cases import fast_jit, max_abs, max_rel, packed_inputs
+from helpers.mmsp_cases import fast_jit, max_abs, max_rel, packed_inputs
 
 from longvila_jax.core.attention import dense_attention_with_lse
 from longvila_jax.parallel.ring_kernels import block_backward, block_forward

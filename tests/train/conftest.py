@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from _harness import Reference, TrainerServer, shared_reference
+from helpers.harness import Reference, TrainerServer, shared_reference
 
 
 @pytest.fixture(scope="session")
@@ -32,7 +32,7 @@ def reference(corpus, jax_cache) -> Reference:
 
 @pytest.fixture(scope="module")
 def trainer(jax_cache, tmp_path_factory):
-    """Trainer launches forked from a process that has done the imports (``_harness``)."""
+    """Trainer launches forked from a process that has done the imports (``helpers.harness``)."""
     server = TrainerServer(jax_cache, tmp_path_factory.mktemp("launches"))
     yield server
     server.close()

@@ -20,18 +20,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _harness import array_file, flip_array_byte
+from helpers.harness import array_file, flip_array_byte
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from longvila_jax.config.train import CheckpointConfig
 from longvila_jax.core.faults import KILL_ENV
-from longvila_jax.train.checkpoint import (
-    CORRUPT_DIR,
-    Checkpointer,
-    CorruptCheckpoints,
-    KillSwitch,
-)
+from longvila_jax.train.checkpoint import CORRUPT_DIR, Checkpointer, CorruptCheckpoints
 from longvila_jax.train.integrity import COMMIT_FILE, MANIFEST_FILE, verify_step_dir
+from longvila_jax.train.kill_switch import KillSwitch
 
 
 class _Iter:

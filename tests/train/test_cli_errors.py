@@ -19,8 +19,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from _harness import REPO, TINY_MODEL, stage_dict, write_stage
-from _xla_env import FAST_COMPILE
+from helpers.harness import REPO, TINY_MODEL, stage_dict, write_stage
+from helpers.xla_env import FAST_COMPILE
 
 from longvila_jax.config.base import from_dict
 from longvila_jax.config.train import StageConfig

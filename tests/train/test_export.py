@@ -9,12 +9,12 @@ untouched ones must not, and the exported LLM config must carry the new RoPE the
 from __future__ import annotations
 
 import re
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from _harness import REPO, stage_dict
+from helpers import vila_fixture as vf
+from helpers.harness import stage_dict
 
 from longvila_jax.ckpt import orbax_io
 from longvila_jax.ckpt.pretrained import read_vila_params
@@ -30,11 +30,6 @@ LORA_RE = "llm/layers/self_attn/(q|k|v|o)_proj/kernel"
 
 @pytest.fixture(scope="module")
 def vila_src(tmp_path_factory) -> Path:
-    for sub in ("tests/ckpt", "tests"):  # the converter tests' tiny VILA builder
-        if str(REPO / sub) not in sys.path:
-            sys.path.insert(0, str(REPO / sub))
-    import vila_fixture as vf
-
     spec = vf.Spec(vocab=520, v_image=64, projector_type="mlp_downsample", layers=2)
     return vf.build_vila(tmp_path_factory.mktemp("vila") / "src", spec)
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from _harness import video_stage_dict
+from helpers.harness import video_stage_dict
 
 from longvila_jax.config.base import ConfigError, from_dict
 from longvila_jax.config.train import StageConfig

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from _harness import (
+from helpers.harness import (
     distributed_env,
     free_port,
     run_concurrently,

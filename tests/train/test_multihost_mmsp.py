@@ -16,7 +16,7 @@ import json
 
 import numpy as np
 import pytest
-from _harness import (
+from helpers.harness import (
     distributed_env,
     free_port,
     run_concurrently,

@@ -1,9 +1,9 @@
 """Exact resume (reliability scenarios 1 and 2): real SIGKILLs at named kill sites and SIGTERM.
 
 The trainer runs as a child process on 8 simulated CPU devices (the chain's launches are forked
-from ``_harness.TrainerServer``, which has done the imports; the reference and the SIGTERM test
+from ``helpers.harness``, which has done the imports; the reference and the SIGTERM test
 start fresh interpreters). A reference run goes through uninterrupted (once per session,
-``_harness.shared_reference``); the interrupted run is killed at a chain of named kill sites,
+``shared_reference``); the interrupted run is killed at a chain of named kill sites,
 relaunched with the same command each time:
 
 - in the training loop's saves: mid array write, after a step, before the commit rename, mid
@@ -29,7 +29,7 @@ import subprocess
 import time
 
 import pytest
-from _harness import (
+from helpers.harness import (
     REPO,
     RESUME_STEPS,
     assert_chain_end,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import jax.numpy as jnp
 import pytest
-from _harness import REPO, TINY_MODEL, stage_dict, write_stage
+from helpers.harness import REPO, TINY_MODEL, stage_dict, write_stage
 
 from longvila_jax.config.base import ConfigError, from_dict, to_dict
 from longvila_jax.config.train import StageConfig

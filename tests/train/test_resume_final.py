@@ -19,7 +19,7 @@ the final phase, without compiling a train step. Chains:
 
 After each kill, a visible ``final/`` or ``vila/`` must be complete and equal to the reference's
 (a killed write stays under a temporary name). Each run directory must end equal to the
-uninterrupted reference bit for bit (``_harness.assert_chain_end``: metrics, ``final/`` params
+uninterrupted reference bit for bit (``assert_chain_end``: metrics, ``final/`` params
 and manifest, ``vila/`` bytes, no temporary leftovers). The named kill points of this phase are
 in ``test_resume.py``'s chain.
 """
@@ -32,7 +32,7 @@ import signal
 from pathlib import Path
 
 import pytest
-from _harness import (
+from helpers.harness import (
     RESUME_STEPS,
     Reference,
     TrainerServer,

@@ -7,7 +7,7 @@ towards the 20). Every visible step must stay complete and match its integrity m
 chain also covers checkpoint integrity end to end: the newest committed step is damaged once
 (one flipped bit), and the next launch must warn, move it aside and resume from the step before.
 When a run directory has nothing left to save, it is finished and must equal the reference
-bit for bit (``_harness.assert_chain_end``: metrics, ``final/`` params, ``vila/`` bytes, no
+bit for bit (``helpers.harness.assert_chain_end``: metrics, ``final/`` params, ``vila/`` bytes, no
 leftovers), and the chain goes on in a new one.
 """
 
@@ -19,7 +19,7 @@ import signal
 from pathlib import Path
 
 import pytest
-from _harness import (
+from helpers.harness import (
     RESUME_STEPS,
     Reference,
     TrainerServer,

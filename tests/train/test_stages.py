@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _harness import TINY_MODEL, stage_dict
+from helpers.harness import TINY_MODEL, stage_dict
 
 from longvila_jax.ckpt import orbax_io
 from longvila_jax.config.base import from_dict, load_config

@@ -11,12 +11,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from _harness import stage_dict
+from helpers.harness import stage_dict
 
 from longvila_jax.config.base import from_dict
 from longvila_jax.config.train import CheckpointConfig, StageConfig
 from longvila_jax.data.pipeline import DataIterator
-from longvila_jax.parallel.layouts import packed_splice_indices
+from longvila_jax.models.vlm import expand_prompts
+from longvila_jax.parallel.layouts import expand_packed_rows
 from longvila_jax.parallel.mesh import make_mesh
 from longvila_jax.train.checkpoint import Checkpointer, NonFiniteState
 from longvila_jax.train.objective import DenseObjective, image_token_id_of
@@ -216,18 +217,16 @@ def test_grad_accumulation_is_the_global_token_mean(corpus, tmp_path):
     assert moved >= len(d1) - 2
 
 
-def test_packed_splice_indices_match_the_model_splice(setup):
-    """Host conversion of pipeline rows == the model's own ``expand_inputs`` on the same text."""
-    from longvila_jax.models.vlm import expand_inputs
-
+def test_expand_packed_rows_matches_expand_prompts(setup):
+    """Splice indices of pipeline rows == the model's ``expand_prompts`` on the same text."""
     batch = setup.batch()
     tpf = setup.resolved.model.tokens_per_frame
-    text_ids, visual = packed_splice_indices(batch, setup.image_id, tpf)
+    text_ids, visual = expand_packed_rows(batch, setup.image_id, tpf)
     for r in range(batch["input_ids"].shape[0]):
         real = batch["text_to_expanded"][r] < text_ids.shape[1]
         ids = batch["input_ids"][r][real][None]
         n = int((ids == setup.image_id).sum())
-        ex = expand_inputs(
+        ex = expand_prompts(
             ids,
             num_frames=n,
             image_token_id=setup.image_id,

@@ -15,7 +15,8 @@ import numpy as np
 import safetensors.torch
 import torch
 import transformers as tf
-from reference.torch_projector import TorchProjector
+
+from helpers.torch_projector import TorchProjector
 
 
 def load_hf(vila_dir: Path, dtype=torch.float32):

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _mutations import FUZZ, Vocab, edits, pick
-from _outcome import MAX_MESSAGE_CHARS, Hang, time_limit
-from _texts import json_inputs
+from helpers.fuzz_mutations import FUZZ, Vocab, edits, pick
+from helpers.fuzz_outcome import MAX_MESSAGE_CHARS, Hang, time_limit
+from helpers.fuzz_texts import json_inputs
 from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image

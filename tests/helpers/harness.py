@@ -1,5 +1,5 @@
 """Helpers for the trainer tests: trainer subprocesses (single and distributed), checkpoint
-damage, the tiny stage configs of ``tests/_stages.py``, and the kill-and-resume chains' stage,
+damage, the tiny stage configs of ``helpers/stages.py``, and the kill-and-resume chains' stage,
 session-wide reference run, end-of-chain checks and kill count.
 
 Trainer subprocesses share one persistent JAX compilation cache per session, so only the first
@@ -23,8 +23,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from _stages import MESH, REPO, TINY_MODEL, stage_dict, video_stage_dict, write_stage
-from _xla_env import jax_env, xla_flags
+from helpers.stages import MESH, REPO, TINY_MODEL, stage_dict, video_stage_dict, write_stage
+from helpers.xla_env import jax_env, xla_flags
 
 __all__ = ["MESH", "REPO", "TINY_MODEL", "stage_dict", "video_stage_dict", "write_stage"]
 

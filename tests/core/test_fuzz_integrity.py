@@ -15,9 +15,9 @@ import json
 from pathlib import Path
 
 import pytest
-from _mutations import FUZZ, Vocab, pick
-from _outcome import MAX_MESSAGE_CHARS, time_limit
-from _texts import json_inputs
+from helpers.fuzz_mutations import FUZZ, Vocab, pick
+from helpers.fuzz_outcome import MAX_MESSAGE_CHARS, time_limit
+from helpers.fuzz_texts import json_inputs
 from hypothesis import given
 from hypothesis import strategies as st
 

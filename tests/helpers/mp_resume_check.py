@@ -1,7 +1,8 @@
 """Restore-at-every-position check with grain worker processes (run as a script, not by pytest).
 
-``python tests/data/mp_resume_check.py CORPUS_DIR WINDOW`` prints one JSON line. mp_prefetch
-needs a ``__main__`` guard and parsed absl flags, hence a separate process; test_resume.py runs it.
+``python -m helpers.mp_resume_check CORPUS_DIR WINDOW`` (``tests/`` on ``PYTHONPATH``) prints one
+JSON line. mp_prefetch needs a ``__main__`` guard and parsed absl flags, hence a separate
+process; ``tests/data/test_data_resume.py`` runs it.
 """
 
 from __future__ import annotations

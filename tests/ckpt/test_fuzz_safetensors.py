@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _mutations import FUZZ, HUGE_INTS, Vocab, ints, pick, values
-from _outcome import checked_loader_refusal, outcome
-from _texts import JSON_VALUES, byte_edits, json_inputs, json_lines, json_text
+from helpers.fuzz_mutations import FUZZ, HUGE_INTS, Vocab, ints, pick, values
+from helpers.fuzz_outcome import checked_loader_refusal, outcome
+from helpers.fuzz_texts import JSON_VALUES, byte_edits, json_inputs, json_lines, json_text
 from hypothesis import given
 from hypothesis import strategies as st
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TINY_MODEL = str(REPO / "configs/model/tiny-qwen2.yaml")
 MESH = str(REPO / "configs/mesh/cpu8_r2u4.yaml")
 VIDEO_DATASETS = [

@@ -15,9 +15,9 @@ import os
 from pathlib import Path
 
 import pytest
-from _mutations import FUZZ, Vocab, pick
-from _outcome import outcome
-from _texts import yaml_inputs
+from helpers.fuzz_mutations import FUZZ, Vocab, pick
+from helpers.fuzz_outcome import outcome
+from helpers.fuzz_texts import yaml_inputs
 from hypothesis import given
 from hypothesis import strategies as st
 

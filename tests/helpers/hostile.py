@@ -16,8 +16,7 @@ import sys
 import threading
 from pathlib import Path
 
-from _xla_env import FAST_COMPILE
-
+from helpers.xla_env import FAST_COMPILE
 from longvila_jax.core.manifest import MANIFEST_FILE, write_manifest
 
 ROOT = Path(__file__).resolve().parents[2]

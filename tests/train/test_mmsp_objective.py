@@ -13,12 +13,13 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from _stages import video_stage_dict
 from flax import nnx
+from helpers.stages import video_stage_dict
 
 from longvila_jax.config.base import from_dict
 from longvila_jax.config.train import StageConfig
 from longvila_jax.data.pipeline import DataIterator
+from longvila_jax.data.synthetic import generate
 from longvila_jax.models.vlm import LongVILA
 from longvila_jax.parallel.mesh import make_mesh
 from longvila_jax.train.objective import MMSPObjective, make_dense_objective, make_mmsp_objective
@@ -30,8 +31,6 @@ FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
-    from longvila_jax.data.synthetic import generate
-
     out = tmp_path_factory.mktemp("mmsp_corpus")
     generate(out, seed=0, size=64, n_images=4, n_videos=4)
     return out

@@ -18,9 +18,9 @@ import json
 from pathlib import Path
 
 import pytest
-from _mutations import FUZZ, Vocab, edits, ints, pick
-from _outcome import checked_loader_refusal, outcome, write_if_changed
-from _texts import json_inputs
+from helpers.fuzz_mutations import FUZZ, Vocab, edits, ints, pick
+from helpers.fuzz_outcome import checked_loader_refusal, outcome, write_if_changed
+from helpers.fuzz_texts import json_inputs
 from hypothesis import given
 from hypothesis import strategies as st
 

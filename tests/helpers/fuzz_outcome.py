@@ -14,9 +14,8 @@ import os
 import traceback
 from collections.abc import Sequence
 
-import _limits
-from _limits import Hang
-
+from helpers import limits as _limits
+from helpers.limits import Hang
 from longvila_jax.core.errors import ConfigError, InputError
 from longvila_jax.core.safe_load import parse_json
 

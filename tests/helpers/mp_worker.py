@@ -1,11 +1,11 @@
 """One process of the 2-process x 4-CPU-device MM-SP run (ring across processes, Ulysses
-within). Usage: python _mp_worker.py PROCESS_ID PORT OUT.npz. The parent sets XLA_FLAGS for 4
-devices; process 0 writes the gathered outputs and gradients."""
+within). Usage: ``python -m helpers.mp_worker PROCESS_ID PORT OUT.npz`` with ``tests/`` on
+``PYTHONPATH``. The parent sets XLA_FLAGS for 4 devices; process 0 writes the gathered outputs
+and gradients."""
 
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import jax
 
@@ -17,9 +17,7 @@ from jax.experimental import multihost_utils  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _mmsp_cases import fast_jit, packed_inputs  # noqa: E402
-
+from helpers.mmsp_cases import fast_jit, packed_inputs  # noqa: E402
 from longvila_jax.parallel.attention import make_mmsp_attention  # noqa: E402
 from longvila_jax.parallel.layouts import (  # noqa: E402
     apply_layout,

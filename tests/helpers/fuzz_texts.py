@@ -11,9 +11,10 @@ import json
 from collections.abc import Sequence
 
 import yaml
-from _mutations import BOOLS, NO_VOCAB, SPECIAL_KEYS, Vocab, edits, ints, once, pick
 from hypothesis import reject
 from hypothesis import strategies as st
+
+from helpers.fuzz_mutations import BOOLS, NO_VOCAB, SPECIAL_KEYS, Vocab, edits, ints, once, pick
 
 
 @st.composite

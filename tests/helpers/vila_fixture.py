@@ -17,8 +17,9 @@ from pathlib import Path
 import safetensors.torch
 import torch
 import transformers as tf
-from reference.torch_projector import TorchProjector
 from tokenizers import Tokenizer, models, pre_tokenizers
+
+from helpers.torch_projector import TorchProjector
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 MEDIA = ["<image>", "<vila/video>"]

@@ -1,7 +1,7 @@
 """Lists every distinct failure of the fuzz strategies (a pytest run stops at the first ones).
 
-    .venv/bin/python tests/fuzz/_collect.py [targets] [examples] [extra seeds]
-    .venv/bin/python tests/fuzz/_collect.py stage_yaml,records 2000 1,2
+    PYTHONPATH=tests .venv/bin/python -m helpers.fuzz_collect [targets] [examples] [extra seeds]
+    PYTHONPATH=tests .venv/bin/python -m helpers.fuzz_collect stage_yaml,records 2000 1,2
 
 Runs each target's strategy for ``examples`` examples (the derandomized ones, then one run per
 extra seed) without stopping, groups the failures by exception type and innermost project
@@ -22,22 +22,23 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
-sys.path[:0] = [str(HERE), str(REPO / "tests")]
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 from hypothesis import HealthCheck, Phase, find, given, seed, settings  # noqa: E402
 from hypothesis.errors import NoSuchExample, Unsatisfiable  # noqa: E402
 
+# The fuzz tests sit beside the packages they test: with tests/ on the path (as pytest has it),
+# their folders import as namespace packages.
 # name: (module, strategy, check(ctx, case), setup(tmp) -> ctx or None for the tmp dir)
 TARGETS = {
-    "st_file": ("test_fuzz_safetensors", "safetensors_cases", "check_file", "setup"),
-    "st_index": ("test_fuzz_safetensors", "index_cases", "check_index", "setup"),
-    "vila": ("test_fuzz_hf_config", "vila_cases", "check_vila", "setup"),
-    "fields": ("test_fuzz_hf_config", "field_cases", "check_fields", None),
-    "model_yaml": ("test_fuzz_model_yaml", "model_yaml_cases", "check_model_yaml", None),
-    "stage_yaml": ("test_fuzz_stage_yaml", "stage_yaml_cases", "check_stage_yaml", None),
-    "records": ("test_fuzz_records", "record_cases", "check_record", "setup"),
-    "integrity": ("test_fuzz_integrity", "manifest_cases", "check_manifest", "setup"),
+    "st_file": ("ckpt.test_fuzz_safetensors", "safetensors_cases", "check_file", "setup"),
+    "st_index": ("ckpt.test_fuzz_safetensors", "index_cases", "check_index", "setup"),
+    "vila": ("ckpt.test_fuzz_hf_config", "vila_cases", "check_vila", "setup"),
+    "fields": ("ckpt.test_fuzz_hf_config", "field_cases", "check_fields", None),
+    "model_yaml": ("config.test_fuzz_model_yaml", "model_yaml_cases", "check_model_yaml", None),
+    "stage_yaml": ("config.test_fuzz_stage_yaml", "stage_yaml_cases", "check_stage_yaml", None),
+    "records": ("data.test_fuzz_records", "record_cases", "check_record", "setup"),
+    "integrity": ("core.test_fuzz_integrity", "manifest_cases", "check_manifest", "setup"),
 }
 QUIET = settings(database=None, deadline=None, suppress_health_check=list(HealthCheck))
 

@@ -1,1 +1,0 @@
-"""PyTorch reference implementations used as independent test oracles."""
