@@ -50,6 +50,12 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="accept NaN/Inf weights (with a warning) instead of refusing them",
     )
+    imp.add_argument(
+        "--keep-vocab",
+        action="store_true",
+        help="(--llm) keep the tokenizer and embedding table as they are; by default a tokenizer "
+        "without BOS / pad gets [BOS] / [PAD] and the table is resized, as VILA's stage 1 does",
+    )
     exp = sub.add_parser("export", help="project checkpoint -> VILA layout")
     exp.add_argument("--ckpt", required=True, help="project checkpoint directory")
     exp.add_argument("--out", required=True, help="new VILA-layout directory")
@@ -103,6 +109,7 @@ def _run(args: argparse.Namespace) -> int:
                 seed=args.seed,
                 progress=True,
                 allow_nonfinite=args.allow_nonfinite,
+                stage1_tokens=not args.keep_vocab,
             )
         else:
             print(

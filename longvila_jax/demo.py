@@ -150,7 +150,7 @@ def run(
     from longvila_jax.config import ConfigError
     from longvila_jax.data import synthetic
     from longvila_jax.eval.needles import numbers_from_manifest
-    from longvila_jax.eval.vniah import demo_vniah
+    from longvila_jax.eval.vniah_demo import demo_vniah
     from longvila_jax.parallel.mesh import load_mesh_config, make_mesh
     from longvila_jax.train.loop import EXIT_OK, run_stage
     from longvila_jax.train.plot import loss_drop, plot

@@ -13,6 +13,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
+from jax._src import monitoring  # noqa: E402
 
 jax.config.update("jax_enable_x64", False)
 
@@ -53,3 +54,18 @@ def pytest_collection_modifyitems(config, items):
         return LONGEST_FIRST.index(path) if path in LONGEST_FIRST else len(LONGEST_FIRST)
 
     items.sort(key=rank)  # stable: the rest keep their order
+
+
+@pytest.fixture(scope="module")
+def compile_events():
+    """Counts XLA backend compilations while a module's tests run (abstract tracing for
+    ``eval_shape`` is allowed): a test asserts it stays empty."""
+    events: list[str] = []
+
+    def listener(event: str, duration: float, **kw) -> None:
+        if event == "/jax/core/compile/backend_compile_duration":
+            events.append(event)
+
+    monitoring.register_event_duration_secs_listener(listener)
+    yield events
+    monitoring.unregister_event_duration_listener(listener)

@@ -7,6 +7,13 @@ initialised. The project checkpoint gets generated VILA glue (top-level ``config
 vision half, saved as a ``SiglipVisionModel``, as VILA does. The sources are read with the
 same checks as a VILA import (``vila_import``: regular files inside each source folder,
 floating parameter dtypes, finite values unless ``allow_nonfinite``).
+
+By default the tokenizer and the LLM's vocabulary tables get what VILA's stage-1 trainer gives
+them (``vocab_resize``: ``[BOS]``/``[PAD]`` when missing, tables resized to the tokenizer with
+the new rows set to the mean of the old ones); the media tokens are added after those, so their
+ids lie past the table as in the releases (the model never looks them up: ``LongVILA.embed``).
+The copied ``llm/config.json`` and the glue ``llm_cfg`` then carry the new ``vocab_size``, and
+the recorded LLM layout the new table shapes, so the checkpoint exports as a VILA layout.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from flax import nnx
 
-from longvila_jax.ckpt import config_checks, hf_config, mapping
+from longvila_jax.ckpt import config_checks, hf_config, mapping, vocab_resize
 from longvila_jax.ckpt.orbax_io import HF_DIR, checkpoint_dir, write_metadata
 from longvila_jax.ckpt.safetensors_io import DTYPE_NAMES, WeightSet
 from longvila_jax.ckpt.safetensors_writer import shard_plan
@@ -31,6 +38,7 @@ from longvila_jax.ckpt.vila_import import (
     source_config,
     write_params,
 )
+from longvila_jax.config.base import ConfigError
 from longvila_jax.config.model import ModelConfig
 from longvila_jax.core import trees
 from longvila_jax.core.safe_paths import copy_file, is_regular
@@ -61,6 +69,40 @@ def top_level_config(cfg: ModelConfig, configs: dict[str, dict]) -> dict:
     }
 
 
+def _table_rows(weights, data: dict) -> int:
+    """Rows of the source LLM's embedding table, checked against its config."""
+    name = vocab_resize.TABLES[0]
+    rows = data["llm"]["vocab_size"]
+    if name in weights.where and weights.info(name).shape[0] != rows:
+        raise ConfigError(
+            "llm.vocab_size",
+            f"config says {rows}, embed_tokens has {weights.info(name).shape[0]} rows",
+        )
+    return rows
+
+
+def _prepare_tokenizer(tokenizer, weights: dict, data: dict, stage1_tokens: bool):
+    """Stage-1 tokens and table resize (when asked), then the media tokens.
+
+    Returns:
+      (data with the new ``vocab_size``, the changes made to the tokenizer); ``weights["llm"]``
+      is replaced by a resized view when the table changes.
+    """
+    changes = vocab_resize.TokenChanges()
+    if stage1_tokens:
+        changes = vocab_resize.add_stage1_tokens(tokenizer)
+    if changes.resizes:
+        vocab_resize.check_resizes(_table_rows(weights["llm"], data), changes.resizes)
+        weights["llm"] = vocab_resize.ResizedWeights(weights["llm"], changes.resizes)
+        data = {**data, "llm": {**data["llm"], "vocab_size": changes.rows}}
+    if config_checks.image_token_id(tokenizer) is None:
+        # VILA's language_model/builder.py adds them when it builds a model (b760c34).
+        media = list(config_checks.MEDIA_TOKENS[:2])
+        tokenizer.add_tokens(media, special_tokens=True)
+        changes.added.update({t: tokenizer.convert_tokens_to_ids(t) for t in media})
+    return data, changes
+
+
 def import_hf_parts(
     llm_dir: str | Path,
     vision_dir: str | Path,
@@ -71,11 +113,16 @@ def import_hf_parts(
     seed: int = 0,
     progress: bool = False,
     allow_nonfinite: bool = False,
+    stage1_tokens: bool = True,
 ) -> ModelConfig:
     """Plain HF Llama/Qwen2 + SigLIP + a new random projector -> project checkpoint.
 
-    The tokenizer of ``llm_dir`` gets VILA's media tokens (``<image>``, ``<vila/video>``) when
-    it lacks them, as VILA does when it builds a model; the saved tokenizer then has them.
+    With ``stage1_tokens`` (the default, VILA's behaviour) the tokenizer of ``llm_dir`` gets
+    ``[BOS]`` when it has no BOS token, its pad becomes its unknown token, or ``[PAD]`` when it
+    has none, and the LLM's tables are resized to the tokenizer (new rows: the mean of the rows
+    before them; a padded table is truncated); False keeps the LLM's table and special tokens.
+    Then the tokenizer gets VILA's media tokens (``<image>``, ``<vila/video>``) when it lacks
+    them, as VILA does when it builds a model; the saved tokenizer has all of them.
     The exported layout is a VILA one (generated top-level and projector configs).
     ``allow_nonfinite`` accepts NaN/Inf weights with a logged warning instead of refusing them.
 
@@ -97,9 +144,21 @@ def import_hf_parts(
             "model_type": "siglip_vision_model",
         }
     tokenizer = hf_config.load_tokenizer_dir(source.dirs["llm"], root=source.dirs["llm"])
-    added = config_checks.image_token_id(tokenizer) is None
-    if added:
-        tokenizer.add_tokens(list(config_checks.MEDIA_TOKENS[:2]), special_tokens=True)
+    rows = data["llm"]["vocab_size"]
+    data, changes = _prepare_tokenizer(tokenizer, weights, data, stage1_tokens)
+    llm_cfg = dict(source.configs["llm"])
+    notes = ["new random projector"]
+    if changes.resizes:
+        llm_cfg["vocab_size"] = changes.rows
+        added = ", ".join(
+            f"{t} {i}"
+            for t, i in changes.added.items()
+            if t in (vocab_resize.BOS, vocab_resize.PAD)
+        )
+        notes.append(
+            f"stage-1 tokens ({added or 'none new'}): LLM tables resized from {rows} to "
+            f"{changes.rows} rows, new rows = mean of the rows before them (VILA train.py)"
+        )
     cfg = hf_config.build_config(data, tokenizer, weights, overrides)
     plans = {c: plan_component(cfg, c, weights[c]) for c in ("llm", "vision_tower")}
     with nnx.use_eager_sharding(False):
@@ -135,12 +194,21 @@ def import_hf_parts(
             files += [
                 f"vision_tower/{f}" for f in copy_aux_files(source.dirs["vision_tower"], vdir)
             ]
-        if added:
-            tokenizer.save_pretrained(str(tmp / HF_DIR / "llm"))
-            files = sorted({*files, *(f"llm/{p.name}" for p in (tmp / HF_DIR / "llm").iterdir())})
+        llm_out = tmp / HF_DIR / "llm"
+        if changes.resizes:
+            dump_json(llm_out / "config.json", llm_cfg)
+        if changes.changed:
+            saved = [Path(p).name for p in tokenizer.save_pretrained(str(llm_out))]
+            vocab_resize.update_tokenizer_files(llm_out, changes, saved)
+            files = sorted({*files, *(f"llm/{p.name}" for p in llm_out.iterdir())})
         (tmp / HF_DIR / "mm_projector").mkdir()
         dump_json(tmp / HF_DIR / "mm_projector" / "config.json", proj_config)
-        configs = {**source.configs, "vision_tower": vision_cfg, "mm_projector": proj_config}
+        configs = {
+            **source.configs,
+            "llm": llm_cfg,
+            "vision_tower": vision_cfg,
+            "mm_projector": proj_config,
+        }
         dump_json(tmp / HF_DIR / "config.json", top_level_config(cfg, configs))
         files += ["mm_projector/config.json", "config.json"]
         extra = [("mm_projector", p, np.asarray(v)) for p, v in flat.items()]
@@ -161,7 +229,7 @@ def import_hf_parts(
                     "path": str(llm_dir),
                     "vision_path": str(vision_dir),
                     "top_file": "config.json",
-                    "notes": ["new random projector"],
+                    "notes": notes,
                 },
                 "source_model_config": source_config(cfg, data),
                 "hf_files": files,

@@ -2,10 +2,13 @@
 
 The layout recorded at import (provenance) is reproduced exactly: the same sub-folders, shard
 files and index, tensor names (including the SigLIP ``vision_model.`` spelling), tensor order
-inside each file, dtypes, the tensors the model does not use, and every config and tokenizer
-file byte for byte. Config fields that changed since import (``rope_theta`` after context
-extension, ...) are written into exactly those keys of the JSON configs; a change the layout
-cannot express (a different hidden size, say) raises ``ConfigError`` naming the field.
+inside each file, dtypes (each tensor in the dtype recorded at import, whatever dtype the
+project checkpoint stores it in: bf16 for the released LongVILA checkpoints, and a trained
+stage's ``final/`` already holds its model's ``param_dtype``), the tensors the model does not
+use, and every config and tokenizer file byte for byte. Config fields that changed since
+import (``rope_theta`` after context extension, ...) are written into exactly those keys of the
+JSON configs; a change the layout cannot express (a different hidden size, say) raises
+``ConfigError`` naming the field.
 
 Streaming: all shard files are created up front with their final headers, then parameters are
 restored one leaf at a time and each slice is written at its offset, so peak memory is about the

@@ -13,7 +13,10 @@ from typing import Literal
 
 from longvila_jax.config.base import check
 
-DatasetKind = Literal["video", "image", "interleaved", "text"]
+DatasetKind = Literal["video", "image", "interleaved", "text", "coyo"]
+# Captions per COYO item, as upstream's LazyCoyoDataset (n_samples_per_idx, llava/data/dataset.py
+# on 386d350 and b760c34): consecutive manifest records form one item.
+COYO_GROUP_SIZE = 4
 
 
 @dataclass(frozen=True)
@@ -22,6 +25,13 @@ class DatasetSpec:
 
     ``manifest`` and ``media_root`` are relative to ``DataConfig.root`` unless absolute. Media paths
     inside the manifest are resolved under ``media_root`` and must stay inside it.
+
+    ``kind: coyo`` is upstream's stage-2 caption form (``LazyCoyoDataset``): every record is
+    ``"<image>\n{caption}<eos>"`` with no chat template and no question, every text token
+    supervised (see ``data.samples``). ``group_size`` consecutive records (default 4, as upstream)
+    form one item of the mixture; each caption stays its own packed segment, all of an item's
+    captions go into the same row, and a trailing incomplete group is dropped. Only ``coyo``
+    groups records: other kinds accept only ``group_size`` 1 or null.
     """
 
     name: str
@@ -30,11 +40,26 @@ class DatasetSpec:
     media_root: str = ""
     weight: float = 1.0
     format: Literal["auto", "json", "jsonl", "arrayrecord"] = "auto"
+    group_size: int | None = None  # None: COYO_GROUP_SIZE for coyo, 1 otherwise
 
     def __post_init__(self):
         check(bool(self.name), "name", "must be non-empty")
+        if self.group_size is not None:
+            check(self.group_size >= 1, "group_size", "must be >= 1 or null")
+            check(
+                self.kind == "coyo" or self.group_size == 1,
+                "group_size",
+                f"only kind coyo groups records (kind is {self.kind})",
+            )
         check(bool(self.manifest), "manifest", "must be non-empty")
         check(self.weight > 0 and math.isfinite(self.weight), "weight", "must be finite and > 0")
+
+    @property
+    def records_per_item(self) -> int:
+        """Manifest records that make one item of the mixture (one packed sample)."""
+        if self.group_size is not None:
+            return self.group_size
+        return COYO_GROUP_SIZE if self.kind == "coyo" else 1
 
 
 @dataclass(frozen=True)
@@ -51,14 +76,18 @@ class DataConfig:
     # tokens_per_frame visual tokens (ModelConfig.tokens_per_frame).
     image_size: int = 384
     tokens_per_frame: int = 196
-    # Video sampling (llava/mm_utils.py rule): exactly num_video_frames uniformly, unless
-    # max_fps > 0 and the video is shorter than num_video_frames / max_fps seconds.
+    # Video sampling (llava/mm_utils.py rule, data/video.py): num_video_frames uniformly (floor of
+    # linspace, each frame at most once), fewer when max_fps > 0 and the video is shorter than
+    # num_video_frames / max_fps seconds, or when it has fewer frames.
     num_video_frames: int = 8
     max_fps: float = 0.0
     min_video_frames: int = 2
     # Seek per frame when the mean gap between sampled frames exceeds this (about one GOP).
     seek_gap_frames: int = 60
-    # Sequence-parallel degree (ring x ulysses): video frame counts are rounded down to a multiple.
+    # Inert, kept so existing configs load (train/resolve still checks it is 1 or ring*ulysses):
+    # frame counts are never rounded to a multiple of the SP degree, as upstream's longvideo_sft
+    # (a LazySupervisedDataset) is not; MM-SP splits any frame count unevenly (longvila.md 5.4).
+    # Leave it at 1.
     sp_degree: int = 1
     # Packed row shapes: expanded tokens (rounded up to pad_multiple), text tokens, frames, samples.
     max_length: int = 4096
@@ -112,11 +141,6 @@ class DataConfig:
             "must be positive or null",
         )
         check(
-            self.num_video_frames >= self.sp_degree,
-            "num_video_frames",
-            f"must be >= sp_degree {self.sp_degree}",
-        )
-        check(
             self.max_text_tokens <= self.row_length,
             "max_text_tokens",
             f"must be <= the row length {self.row_length}",
@@ -133,4 +157,4 @@ class DataConfig:
         return self.max_text_tokens or self.row_length
 
 
-__all__ = ["DataConfig", "DatasetKind", "DatasetSpec"]
+__all__ = ["COYO_GROUP_SIZE", "DataConfig", "DatasetKind", "DatasetSpec"]

@@ -26,6 +26,7 @@ from longvila_jax.config.base import (
     load_config,
 )
 from longvila_jax.config.data import DataConfig
+from longvila_jax.config.model import DType
 from longvila_jax.core.errors import brief
 
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_\-]*$")
@@ -88,6 +89,41 @@ class OptimConfig:
     def warmup(self, steps: int) -> int:
         """Warmup length in steps for a stage of ``steps`` steps."""
         return self.warmup_steps or int(math.ceil(self.warmup_ratio * steps))
+
+
+@dataclass(frozen=True)
+class PrecisionConfig:
+    """Dtypes of one stage, as upstream trains (DeepSpeed bf16 + ZeRO keeps fp32 masters).
+
+    ``params`` is the dtype of the trainable parameters (the masters the optimizer updates) and
+    of the AdamW moments; ``compute`` the dtype of the forward and backward (null: the model
+    config's ``compute_dtype``); ``frozen`` the dtype frozen parameters are kept in (null: the
+    model config's ``param_dtype``). Gradients always accumulate in float32. The defaults are
+    upstream's: fp32 masters and moments whatever dtype the weights are stored in.
+    """
+
+    params: DType = "float32"
+    compute: DType | None = None
+    frozen: DType | None = None
+
+
+@dataclass(frozen=True)
+class UpstreamRecipe:
+    """What the upstream script this stage ports does per optimizer step (checked by the dry
+    run: ``python -m longvila_jax.train --dry-run``)."""
+
+    samples_per_step: float  # per-device batch x DP x grad-acc of the upstream script
+    lr: float  # the upstream learning rate
+    script: str  # the upstream file the figures come from (NVlabs/VILA path)
+
+    def __post_init__(self):
+        check(
+            math.isfinite(self.samples_per_step) and self.samples_per_step > 0,
+            "samples_per_step",
+            "must be finite and > 0",
+        )
+        check(math.isfinite(self.lr) and self.lr > 0, "lr", "must be finite and > 0")
+        check(bool(self.script), "script", "must name the upstream file")
 
 
 @dataclass(frozen=True)
@@ -215,6 +251,9 @@ class StageConfig:
     log_every: int = 1
     tensorboard: bool = True
     export_vila: bool = False  # write <run_dir>/vila (VILA layout) after the final checkpoint
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    # The upstream figures this stage must reach (real stages; null for the demo and tests).
+    upstream: UpstreamRecipe | None = None
     # Loss + batch placement (``train.objective.OBJECTIVES``): "dense" (data parallel, dense
     # attention) or "mmsp" (frames sharded for the tower, 2D zigzag tokens for the LLM).
     objective: Literal["dense", "mmsp"] = "dense"
@@ -255,7 +294,9 @@ __all__ = [
     "DataSection",
     "LoraConfig",
     "OptimConfig",
+    "PrecisionConfig",
     "RopeConfig",
     "StageConfig",
+    "UpstreamRecipe",
     "load_stage",
 ]

@@ -30,7 +30,7 @@ from longvila_jax.config.data import DataConfig, DatasetSpec
 from longvila_jax.core.errors import ConfigError, InputError
 from longvila_jax.data.samples import SampleProcessor
 from longvila_jax.data.skips import is_skip
-from longvila_jax.data.sources import ManifestSource
+from longvila_jax.data.sources import open_source
 
 _EXAMPLES_PER_REASON = 5
 
@@ -53,7 +53,7 @@ def check_manifest(cfg: DataConfig, spec: DatasetSpec, limit: int | None = None)
     cfg = dataclasses.replace(cfg, datasets=(spec,))
     root = Path(cfg.root)
     path = Path(spec.manifest) if Path(spec.manifest).is_absolute() else root / spec.manifest
-    source = ManifestSource(path, spec.name, spec.format)
+    source = open_source(path, spec.name, spec.format, spec.records_per_item)
     proc = SampleProcessor(cfg)
     n = len(source) if limit is None else min(limit, len(source))
     skipped: collections.Counter[str] = collections.Counter()
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("manifest", help="manifest path (relative to the data root or absolute)")
     p.add_argument("--config", type=Path, help="DataConfig YAML (tokenizer, sizes, template...)")
-    p.add_argument("--kind", choices=["video", "image", "interleaved", "text"])
+    p.add_argument("--kind", choices=["video", "image", "interleaved", "text", "coyo"])
     p.add_argument("--root", help="data root (overrides the config's root)")
     p.add_argument("--media-root", default="", help="media root, relative to the data root")
     p.add_argument("--limit", type=int, help="check only the first N records")

@@ -11,6 +11,9 @@ permutation: ``labels[t]`` is the token at ``t + 1`` when that is a supervised t
 same segment, else ``IGNORE_INDEX``; so the last position of every segment is ignored and the first
 token of a sample is never a target.
 
+A grouped sample (``coyo``: a ``parts`` array of per-record token counts) is packed as a unit,
+all its records in the same row, each record its own segment.
+
 State: the iterator remembers the parent state taken just before the sample it holds back for the
 next row (the only buffered element), plus the skip counters at that point; ``set_state`` rewinds
 the parent there, so the stream after a restore equals the uninterrupted one at every position.
@@ -69,13 +72,19 @@ def expand_segment(
     return labels, starts.astype(np.int32)
 
 
+def _parts(sample: dict[str, Any]) -> list[int]:
+    """Token counts of the records of ``sample`` (one record unless it is grouped)."""
+    parts = sample.get("parts")
+    return [len(sample["input_ids"])] if parts is None else [int(n) for n in parts]
+
+
 class RowBuilder:
     """Accumulates samples and emits one packed row (see ``pipeline`` for the keys)."""
 
     def __init__(self, shape: RowShape):
         self.shape = shape
         self.samples: list[dict[str, Any]] = []
-        self.used_length = self.used_text = self.used_frames = 0
+        self.used_length = self.used_text = self.used_frames = self.used_segments = 0
 
     def cost(self, sample: dict[str, Any]) -> tuple[int, int, int]:
         n, f = len(sample["input_ids"]), len(sample["frames"])
@@ -85,7 +94,7 @@ class RowBuilder:
         length, text, frames = self.cost(sample)
         s = self.shape
         return (
-            len(self.samples) < s.max_segments
+            self.used_segments + len(_parts(sample)) <= s.max_segments
             and self.used_length + length <= s.length
             and self.used_text + text <= s.text_length
             and self.used_frames + frames <= s.max_frames
@@ -97,6 +106,7 @@ class RowBuilder:
         self.used_length += length
         self.used_text += text
         self.used_frames += frames
+        self.used_segments += len(_parts(sample))
 
     def build(self) -> dict[str, np.ndarray]:
         s = self.shape
@@ -112,25 +122,36 @@ class RowBuilder:
             "labels": np.full(s.length, IGNORE_INDEX, np.int32),
             "sample_index": np.full(s.max_segments, -1, np.int64),
         }
-        t = f = e = 0
-        for seg, sample in enumerate(self.samples, start=1):
-            ids, frames = sample["input_ids"], sample["frames"]
-            labels, starts = expand_segment(
-                ids, sample["supervised"], s.image_token_id, s.tokens_per_frame
-            )
-            n, m, k = len(ids), len(labels), len(frames)
-            row["input_ids"][t : t + n] = ids
-            row["text_segment_ids"][t : t + n] = seg
-            row["text_to_expanded"][t : t + n] = starts + e
-            if k:
-                row["frames"][f : f + k] = normalize(frames)
-            row["frame_mask"][f : f + k] = True
-            row["frame_segment_ids"][f : f + k] = seg
-            row["segment_ids"][e : e + m] = seg
-            row["positions"][e : e + m] = np.arange(m, dtype=np.int32)
-            row["labels"][e : e + m] = labels
-            row["sample_index"][seg - 1] = sample["sample_index"]
-            t, f, e = t + n, f + k, e + m
+        t = f = e = seg = 0
+        for sample in self.samples:
+            lo = flo = 0
+            parts = _parts(sample)
+            for j, n in enumerate(parts):
+                seg += 1
+                ids = sample["input_ids"][lo : lo + n]
+                # A record's frames are its <image> tokens' (checked in samples._check).
+                k = (
+                    len(sample["frames"])
+                    if len(parts) == 1
+                    else int(np.sum(ids == s.image_token_id))
+                )
+                frames = sample["frames"][flo : flo + k]
+                labels, starts = expand_segment(
+                    ids, sample["supervised"][lo : lo + n], s.image_token_id, s.tokens_per_frame
+                )
+                m = len(labels)
+                row["input_ids"][t : t + n] = ids
+                row["text_segment_ids"][t : t + n] = seg
+                row["text_to_expanded"][t : t + n] = starts + e
+                if k:
+                    row["frames"][f : f + k] = normalize(frames)
+                row["frame_mask"][f : f + k] = True
+                row["frame_segment_ids"][f : f + k] = seg
+                row["segment_ids"][e : e + m] = seg
+                row["positions"][e : e + m] = np.arange(m, dtype=np.int32)
+                row["labels"][e : e + m] = labels
+                row["sample_index"][seg - 1] = sample["sample_index"] + j
+                t, f, e, lo, flo = t + n, f + k, e + m, lo + n, flo + k
         return row
 
 

@@ -54,14 +54,16 @@ from longvila_jax.config.model import ModelConfig
 from longvila_jax.core.errors import ConfigError, InputError
 from longvila_jax.data.packing import PackIterDataset, RowShape
 from longvila_jax.data.samples import SampleProcessor
-from longvila_jax.data.sources import ManifestError, ManifestSource
+from longvila_jax.data.sources import GroupedSource, ManifestError, ManifestSource, open_source
 from longvila_jax.data.text import image_token_id, load_tokenizer
 
 STATE_VERSION = 1
 # Fields that do not change which elements come out, in which order (moving the data is fine;
-# ``fail_fast`` only turns a skip into an error, so a run may resume with or without it).
+# ``fail_fast`` only turns a skip into an error, so a run may resume with or without it;
+# ``sp_degree`` is inert, see config/data.py).
 _NOT_STREAM_SHAPING = (
     "root",
+    "sp_degree",
     "allow_manifest_change",
     "decode_timeout_s",
     "read_buffer_size",
@@ -102,14 +104,17 @@ def _resolve(root: Path, p: str) -> Path:
     return Path(p) if Path(p).is_absolute() else root / p
 
 
-def build_sources(cfg: DataConfig) -> list[ManifestSource]:
-    """One ``ManifestSource`` per dataset of the mixture.
+def build_sources(cfg: DataConfig) -> list[ManifestSource | GroupedSource]:
+    """One source per dataset of the mixture (grouped for ``coyo``, see ``DatasetSpec``).
 
     Raises:
       ManifestError: naming the dataset and file of a manifest that cannot be read.
     """
     root = Path(cfg.root)
-    return [ManifestSource(_resolve(root, d.manifest), d.name, d.format) for d in cfg.datasets]
+    return [
+        open_source(_resolve(root, d.manifest), d.name, d.format, d.records_per_item)
+        for d in cfg.datasets
+    ]
 
 
 def stream_fingerprint(cfg: DataConfig) -> str:
@@ -120,7 +125,7 @@ def stream_fingerprint(cfg: DataConfig) -> str:
 
 def build_dataset(
     cfg: DataConfig,
-    sources: list[ManifestSource] | None = None,
+    sources: list[ManifestSource | GroupedSource] | None = None,
     process_index: int | None = None,
     process_count: int | None = None,
 ) -> PackIterDataset:

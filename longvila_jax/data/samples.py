@@ -11,6 +11,15 @@ Runs inside grain (in the main process or a worker process). Four kinds, followi
 - ``interleaved``: ``text`` with ``<image>`` placeholders and an ``images`` list; every text token
   is supervised.
 - ``text``: pre-tokenised fixed-length ``text`` (or ``input_ids``) lists; labels = inputs.
+- ``coyo``: stage-2 image-caption pairs in upstream's ``LazyCoyoDataset`` form: a record has
+  ``image`` (a path under the media root; upstream's pickle shards hold base64 bytes, convert
+  them to files) and ``text`` or ``caption``; it becomes ``"<image>\n{caption}<eos>"`` with no
+  chat template and no question, every text token supervised except pad ids
+  (``text.encode_caption``). One source element is a group of ``DatasetSpec.records_per_item``
+  consecutive records (4, as upstream): the sample then holds every caption of the group and a
+  ``parts`` array of their token counts, and packing gives each caption its own segment (own
+  positions, own attention, as upstream's separate sequences) in the same row. A bad record
+  skips its whole group.
 
 Bad samples become ``skips.skip_marker`` dicts; nothing is ever substituted. Each record is
 isolated: besides the named ``SampleSkipped`` reasons, any other ``Exception`` raised while
@@ -32,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from longvila_jax.config.data import DataConfig
-from longvila_jax.core.errors import brief
+from longvila_jax.core.errors import ConfigError, brief
 from longvila_jax.data import image as image_lib
 from longvila_jax.data import text as text_lib
 from longvila_jax.data.sandbox import DecodeSandbox
@@ -91,7 +100,9 @@ class SampleProcessor:
     """Callable for ``MapDataset.map``: source element -> sample dict or skip marker.
 
     A sample dict holds ``input_ids`` int32 [n], ``supervised`` bool [n], ``frames`` uint8
-    [f, S, S, 3], ``sample_id`` (str) and ``sample_index`` (int). Tokenizer and decode sandbox are
+    [f, S, S, 3], ``sample_id`` (str) and ``sample_index`` (int); a grouped (``coyo``) sample
+    also ``parts`` int32 [g], the token count of each record, whose sample indices are
+    ``sample_index + j``. Tokenizer and decode sandbox are
     created lazily per thread, so the processor pickles cheaply into grain workers.
     """
 
@@ -131,13 +142,19 @@ class SampleProcessor:
         number, spec = self.specs[element["dataset"]]
         sample_id = f"{spec.name}:{element['index']}"
         # Outside the isolation below: an unusable tokenizer is a config error, not a bad sample.
-        _ = self.tokenizer
+        tok = self.tokenizer
+        if spec.kind == "coyo" and tok.eos_token is None:
+            raise ConfigError("tokenizer_dir", f"dataset {spec.name!r} (coyo) needs an EOS token")
+        parts = None
         try:
-            rec = parse_record(element)
-            sample_id = _sample_id(spec.name, rec, sample_id)
             media_root = self.root / spec.media_root
-            process = getattr(self, f"_kind_{spec.kind}")
-            ids, sup, frames = process(rec, media_root)
+            if spec.kind == "coyo":
+                ids, sup, frames, parts = self._group_coyo(element, media_root)
+            else:
+                rec = parse_record(element)
+                sample_id = _sample_id(spec.name, rec, sample_id)
+                process = getattr(self, f"_kind_{spec.kind}")
+                ids, sup, frames = process(rec, media_root)
             self._check(ids, sup, frames, sample_id)
         except SampleSkipped as e:
             return self._skip(e.reason, sample_id, e.detail, e)
@@ -150,13 +167,16 @@ class SampleProcessor:
         except Exception as e:  # one hostile record must cost one sample, not the run
             log.debug("sample %s raised", sample_id, exc_info=True)
             return self._skip(error_reason(e), sample_id, brief(e), e)
-        return {
+        out = {
             "input_ids": ids,
             "supervised": sup,
             "frames": frames,
             "sample_id": sample_id,
             "sample_index": (number << INDEX_BITS) | int(element["index"]),
         }
+        if parts is not None:
+            out["parts"] = parts
+        return out
 
     def _skip(self, reason: str, sample_id: str, detail: str, cause: Exception) -> dict[str, Any]:
         """The skip marker, or under ``fail_fast`` a ``SampleError`` chaining ``cause``."""
@@ -232,7 +252,6 @@ class SampleProcessor:
             "size": cfg.image_size,
             "num_frames": cfg.num_video_frames,
             "max_fps": cfg.max_fps,
-            "sp_degree": cfg.sp_degree,
             "min_frames": cfg.min_video_frames,
             "seek_gap_frames": cfg.seek_gap_frames,
             "fps_hint": fps,
@@ -316,6 +335,20 @@ class SampleProcessor:
             raise SampleSkipped("bad_record", f"token id {brief(bad)} outside [0, {vocab})")
         arr = np.asarray(ids, dtype=np.int32)
         return arr, np.ones(len(arr), dtype=bool), self._no_frames()
+
+    def _group_coyo(self, element: dict[str, Any], media_root: Path):
+        """A group of COYO records -> concatenated ids, supervision, frames and part lengths."""
+        raws = element["raw"]
+        ids, sups, frames = [], [], []
+        for raw in raws:
+            rec = parse_record({"raw": raw})
+            key = "text" if "text" in rec else "caption"  # upstream's choice of caption key
+            enc = text_lib.encode_caption(self.tokenizer, _text(rec.get(key), key))
+            ids.append(enc.input_ids)
+            sups.append(enc.supervised)
+            frames.append(self._load_images(rec.get("image"), media_root))
+        parts = np.asarray([len(x) for x in ids], dtype=np.int32)
+        return np.concatenate(ids), np.concatenate(sups), np.concatenate(frames), parts
 
     def _no_frames(self) -> np.ndarray:
         s = self.cfg.image_size

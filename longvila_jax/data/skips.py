@@ -39,7 +39,7 @@ REASONS = (
     "bad_fps",  # fps is 0, negative or NaN where sampling needs it
     "no_frames",  # zero decodable frames
     "frame_count_mismatch",  # metadata promises more frames than the stream holds
-    "too_few_frames",  # fewer than min_video_frames (e.g. a single frame) or than sp_degree
+    "too_few_frames",  # fewer than min_video_frames (e.g. a single frame)
     "decode_timeout",  # the decoder hung past decode_timeout_s and was killed
     "decoder_crash",  # the sandboxed decoder process died
     "corrupt_image",

@@ -146,6 +146,46 @@ class ManifestSource:
         return f"ManifestSource({self.path}, dataset={self.dataset!r}, n={len(self)})"
 
 
+class GroupedSource:
+    """Consecutive records of a ``ManifestSource`` taken ``size`` at a time, as one element.
+
+    Element ``i`` holds records ``[i * size, (i + 1) * size)``: ``{"dataset", "index": i * size,
+    "raw": [raw, ...]}``. A trailing incomplete group is dropped, as upstream's
+    ``LazyCoyoDataset`` does (``llava/data/dataset.py``, ``n_samples_per_idx``). Shuffling and
+    mixing then move whole groups.
+    """
+
+    def __init__(self, source: ManifestSource, size: int):
+        if size < 1:
+            raise ValueError(f"group size must be >= 1, got {size}")
+        self.source, self.size = source, size
+        self.path, self.dataset = source.path, source.dataset
+        self.fingerprint = source.fingerprint
+
+    def __len__(self) -> int:
+        return len(self.source) // self.size
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        start = int(index) * self.size
+        raws = [self.source[start + j]["raw"] for j in range(self.size)]
+        return {"dataset": self.dataset, "index": start, "raw": raws}
+
+    def __repr__(self) -> str:
+        return f"GroupedSource({self.source!r}, size={self.size})"
+
+
+def open_source(
+    path: str | os.PathLike, dataset: str, fmt: str = "auto", group: int = 1
+) -> ManifestSource | GroupedSource:
+    """``ManifestSource`` of ``path``, grouped ``group`` records at a time when ``group`` > 1.
+
+    Raises:
+      ManifestError: as ``ManifestSource``.
+    """
+    src = ManifestSource(path, dataset, fmt)
+    return GroupedSource(src, group) if group > 1 else src
+
+
 def _unencodable(value: Any) -> str | None:
     """Where ``value`` holds a string (key or value) that is not valid UTF-8 text, else None.
 
@@ -224,10 +264,12 @@ def resolve_media(root: Path, rel: Any) -> Path:
 
 
 __all__ = [
+    "GroupedSource",
     "ManifestError",
     "ManifestSource",
     "detect_format",
     "file_fingerprint",
+    "open_source",
     "parse_record",
     "resolve_media",
 ]

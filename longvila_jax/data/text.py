@@ -177,6 +177,30 @@ def encode_document(tok: PreTrainedTokenizerBase, text: str) -> Encoded:
     return Encoded(arr, arr != image_token_id(tok))
 
 
+def encode_caption(tok: PreTrainedTokenizerBase, caption: str) -> Encoded:
+    """A stage-2 COYO caption: ``"<image>\\n{caption}<eos>"``, no template, no question.
+
+    Upstream's ``LazyCoyoDataset`` (``llava/data/dataset.py``, 386d350 and b760c34) writes a
+    literal ``<image>`` in the caption as ``<IMAGE>``, appends the tokenizer's EOS string and
+    tokenises with ``tokenizer_image_token``: the tokenizer's own BOS (if it adds one) comes
+    first, then the media token, then the rest without a second BOS. Its labels are the ids with
+    the pad id masked, so every text token is supervised except pad ids (an EOS that doubles as
+    the pad is not; stage 1's ``[PAD]`` makes them differ, see ``ckpt.hf_parts_import``).
+
+    Returns:
+      ``Encoded`` [n]: ``supervised`` False on the media token and on pad ids.
+    """
+    rest = "\n" + caption.replace(IMAGE_TOKEN, "<IMAGE>") + tok.eos_token
+    lead = tok("", add_special_tokens=True)["input_ids"][:1]
+    bos = lead if tok.bos_token_id is not None and lead == [tok.bos_token_id] else []
+    ids = [*bos, image_token_id(tok), *tok(rest, add_special_tokens=False)["input_ids"]]
+    arr = np.asarray(ids, dtype=np.int32)
+    sup = arr != image_token_id(tok)
+    if tok.pad_token_id is not None:
+        sup &= arr != tok.pad_token_id
+    return Encoded(arr, sup)
+
+
 __all__ = [
     "END_TOKENS",
     "IMAGE_TOKEN",
@@ -184,6 +208,7 @@ __all__ = [
     "QWEN2_SYSTEM",
     "TEMPLATES",
     "Encoded",
+    "encode_caption",
     "encode_conversation",
     "encode_document",
     "image_token_id",

@@ -1,16 +1,19 @@
 """Video decoding with PyAV: the LongVILA frame-sampling rule, sequential or seeking decode.
 
-Sampling follows ``llava/mm_utils.py`` (``opencv_extract_frames`` and
-``get_frame_from_vcap_with_fps``): ``num_frames`` indices from ``linspace(0, frame_count - 1)``,
-unless ``max_fps > 0`` and the video lasts less than ``num_frames / max_fps`` seconds, in which
-case about ``max_fps`` frames per second are taken. With sequence parallelism the count is then
-rounded down to a multiple of ``sp_degree`` (256 -> 252 for SP 14, as the original collator does);
-unlike the original, which drops the last frames, the reduced count is re-spread uniformly so the
-end of the video is still seen.
+Sampling follows ``llava/mm_utils.py`` (``get_frame_from_vcap`` and
+``get_frame_from_vcap_with_fps``, identical on upstream 386d350 and b760c34): the frame indices are
+``linspace(0, frame_count - 1, m)`` truncated to integers (numpy ``dtype=int``, i.e. floor), with
+``m = num_frames``, unless ``max_fps > 0`` and the video lasts less than ``num_frames / max_fps``
+seconds, in which case ``m = int(duration * max_fps)`` (at least 2). Upstream reads the stream once
+and keeps a frame when its index is in that list, so an index that repeats (a video with fewer
+frames than ``m``) yields its frame once: a short video gives each of its frames once, never a
+duplicate. The count is never rounded to a multiple of the sequence-parallel degree: upstream's
+``longvideo_sft`` frames are split unevenly over the SP ranks (longvila.md section 5.4).
 
 Decoding is sequential when samples are dense (mean gap <= ``seek_gap_frames``, about one GOP)
 and seeks per frame otherwise; frames are converted to RGB and resized (bicubic) by libswscale in
-the same call. Every failure raises ``SampleSkipped`` with a reason from ``skips.REASONS``.
+the same call. Every failure raises ``SampleSkipped`` with a reason from ``skips.REASONS``; where
+upstream substitutes black frames (an empty or one-frame video) the sample is skipped instead.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import math
 import os
 import stat
+from collections.abc import Callable
 from pathlib import Path
 
 import av
@@ -34,36 +38,43 @@ def sample_indices(
     fps: float,
     num_frames: int,
     max_fps: float = 0.0,
-    sp_degree: int = 1,
+    *,
     min_frames: int = 1,
 ) -> np.ndarray:
-    """Frame indices to decode.
+    """Frame indices to decode (upstream's training-time rule, see the module docstring).
 
     Args:
       frame_count: frames in the video.
       fps: frames per second of the video (used only when ``max_fps > 0``).
       num_frames: frames wanted (``num_video_frames``).
       max_fps: upper bound on sampled frames per second; 0 disables it.
-      sp_degree: the count is rounded down to a multiple of this.
-      min_frames: fewer usable frames than this is an error.
+      min_frames: fewer sampled frames than this is an error (keyword only: the former
+        positional ``sp_degree`` parameter is gone, so an old positional call fails loudly).
 
     Returns:
-      int64 [n] non-decreasing indices in ``[0, frame_count)``, n a multiple of ``sp_degree``.
+      int64 [n] strictly increasing indices in ``[0, frame_count)``; n <= ``num_frames`` (fewer
+      when the video has fewer frames, or lasts less than ``num_frames / max_fps`` seconds).
 
     Raises:
-      SampleSkipped: ``too_few_frames`` when the video or the rounded count is too short.
+      SampleSkipped: ``too_few_frames`` when the video or the sampled count is too short.
     """
     if frame_count < max(min_frames, 1):
         raise SampleSkipped("too_few_frames", f"{frame_count} frames < min {min_frames}")
-    n = num_frames
-    if max_fps > 0 and frame_count / fps < num_frames / max_fps:
-        n = min(num_frames, max(1, int(frame_count / fps * max_fps)))
-    n = (n // sp_degree) * sp_degree
-    if n < max(min_frames, sp_degree, 1):
-        raise SampleSkipped(
-            "too_few_frames", f"{n} sampled frames (sp_degree {sp_degree}, min {min_frames})"
-        )
-    return np.round(np.linspace(0, frame_count - 1, n)).astype(np.int64)
+    m = num_frames
+    if max_fps > 0:
+        if not fps > 0:  # upstream: fps 0 is an empty (black) video
+            raise SampleSkipped("bad_fps", f"fps {fps}")
+        duration = frame_count / fps
+        if duration < num_frames / max_fps:  # get_frame_from_vcap_with_fps's short branch
+            m = int(duration * max_fps)
+            if m == 0:  # upstream: an empty (black) video
+                raise SampleSkipped("too_few_frames", f"{duration:.3g} s at max_fps {max_fps}")
+            m = max(m, 2)
+    # dtype=int truncates, as upstream's np.linspace(..., dtype=int); unique: each frame once.
+    idx = np.unique(np.linspace(0, frame_count - 1, m).astype(np.int64))
+    if len(idx) < max(min_frames, 1):
+        raise SampleSkipped("too_few_frames", f"{len(idx)} sampled frames < min {min_frames}")
+    return idx
 
 
 def _check_file(path: Path) -> None:
@@ -174,30 +185,32 @@ def _decode_seeking(container, stream, indices: np.ndarray, fps: float, size: in
     return np.stack([out[int(j)] for j in indices])
 
 
-def decode_video(
+def decode_frames(
     path: str | os.PathLike,
     size: int,
-    num_frames: int,
-    max_fps: float = 0.0,
-    sp_degree: int = 1,
-    min_frames: int = 2,
+    pick: Callable[[int, float], np.ndarray],
+    *,
     seek_gap_frames: int = 60,
     fps_hint: float | None = None,
     frame_count_hint: int | None = None,
     threads: int = 0,
 ) -> np.ndarray:
-    """Samples and decodes frames of one video (in this process, no timeout).
+    """Decodes the frames ``pick`` chooses from one video (in this process, no timeout).
+
+    The one open/probe/decode path of training (:func:`decode_video`) and of inference's frame
+    rule (``infer.frames``): only the choice of indices differs between them.
 
     Args:
       path: video file.
       size: output side in pixels.
-      num_frames, max_fps, sp_degree, min_frames: see ``sample_indices``.
+      pick: ``(frame_count, fps) -> int64 [n]`` non-decreasing indices in ``[0, frame_count)``;
+        may raise ``SampleSkipped``.
       seek_gap_frames: seek per frame when the mean index gap exceeds this.
       fps_hint, frame_count_hint: manifest ``fps`` / ``frame_count``, trusted over the container.
       threads: decoder threads (0: FFmpeg's choice, 1: single core).
 
     Returns:
-      uint8 [n, size, size, 3], n a multiple of ``sp_degree``.
+      uint8 [n, size, size, 3], one row per picked index (repeats kept).
 
     Raises:
       SampleSkipped: for every kind of bad video.
@@ -215,7 +228,9 @@ def decode_video(
             stream.thread_count = threads
         else:
             stream.thread_type = "AUTO"
-        idx = sample_indices(count, fps, num_frames, max_fps, sp_degree, min_frames)
+        idx = np.asarray(pick(count, fps), np.int64)
+        if idx.ndim != 1 or not len(idx) or idx.min() < 0 or idx.max() >= count:
+            raise SampleSkipped("no_frames", f"{path}: no frame indices in [0, {count}) to read")
         gap = (idx[-1] - idx[0]) / max(len(idx) - 1, 1)
         if gap > seek_gap_frames:
             return _decode_seeking(container, stream, idx, fps, size, path)
@@ -224,6 +239,42 @@ def decode_video(
         raise SampleSkipped("unreadable_video", f"{path}: {type(e).__name__}: {e}") from None
     finally:
         container.close()
+
+
+def decode_video(
+    path: str | os.PathLike,
+    size: int,
+    num_frames: int,
+    max_fps: float = 0.0,
+    min_frames: int = 2,
+    seek_gap_frames: int = 60,
+    fps_hint: float | None = None,
+    frame_count_hint: int | None = None,
+    threads: int = 0,
+) -> np.ndarray:
+    """Samples (training rule, :func:`sample_indices`) and decodes frames of one video.
+
+    Args:
+      path: video file.
+      size: output side in pixels.
+      num_frames, max_fps, min_frames: see ``sample_indices``.
+      seek_gap_frames, fps_hint, frame_count_hint, threads: see :func:`decode_frames`.
+
+    Returns:
+      uint8 [n, size, size, 3], n as ``sample_indices`` gives it.
+
+    Raises:
+      SampleSkipped: for every kind of bad video.
+    """
+    return decode_frames(
+        path,
+        size,
+        lambda count, fps: sample_indices(count, fps, num_frames, max_fps, min_frames=min_frames),
+        seek_gap_frames=seek_gap_frames,
+        fps_hint=fps_hint,
+        frame_count_hint=frame_count_hint,
+        threads=threads,
+    )
 
 
 def write_video(
@@ -246,4 +297,4 @@ def write_video(
             c.mux(p)
 
 
-__all__ = ["decode_video", "sample_indices", "write_video"]
+__all__ = ["decode_frames", "decode_video", "sample_indices", "write_video"]

@@ -20,6 +20,8 @@ import jax
 
 from longvila_jax.ckpt.pretrained import load_pretrained, load_tokenizer
 from longvila_jax.core.errors import InputError
+from longvila_jax.infer.chat_format import chat_format
+from longvila_jax.infer.release import read_release_config
 from longvila_jax.parallel.mesh import load_mesh_config, make_mesh, validate_mesh
 
 
@@ -50,7 +52,11 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mesh", help="mesh file for the sequence-parallel forward")
     parser.add_argument("--cpu-devices", type=int, default=0, help="simulate N CPU devices")
     parser.add_argument("--dtype", help="parameter/compute dtype override, e.g. float32")
-    parser.add_argument("--template", choices=("qwen2", "llama_3"), help="default: from the LLM")
+    parser.add_argument(
+        "--template",
+        choices=("qwen2", "llama_3"),
+        help="built-in chat template (default: the checkpoint's own, infer.chat_format)",
+    )
     parser.add_argument(
         "--no-newline",
         action="store_true",
@@ -83,16 +89,23 @@ def run_command(args: argparse.Namespace, evaluate: Callable[..., str]) -> int:
 
     Loads the model (:func:`setup`), calls ``evaluate(model, tokenizer, **options)`` with the
     options every ``run_*`` takes from the common flags (``mesh``, ``template``,
-    ``newline_after_frame``, ``encode_batch``) and prints the summary line it returns.
+    ``newline_after_frame``, ``encode_batch``) and prints the summary line it returns. Without
+    ``--template`` the template is the checkpoint's own (``infer.chat_format.chat_format`` with
+    the release config's named template and BOS rule, ``infer.release``).
 
     Returns:
       The exit status: 0, or 2 with one ``error: ...`` line for a bad input.
     """
     try:
         model, tokenizer, mesh = setup(args)
+        template = args.template
+        if template is None:
+            release = read_release_config(args.model)
+            named = release.chat_template if release is not None else None
+            template = chat_format(tokenizer, model.cfg.llm.arch, named, release is not None)
         options = dict(
             mesh=mesh,
-            template=args.template,
+            template=template,
             newline_after_frame=not args.no_newline,
             encode_batch=args.encode_batch,
         )

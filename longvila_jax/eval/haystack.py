@@ -1,7 +1,9 @@
 """The V-NIAH haystack and where a needle goes in it (longvila.md §8, steps 1 and 2).
 
 - Haystack: the video decoded at 1 frame per second (every ``round(avg_fps)``-th frame, from
-  frame 0, as upstream ``llava/eval/vision_niah_vila``), the first n such frames.
+  frame 0, as upstream ``llava/eval/vision_niah_vila``), the first n such frames; each frame
+  resized to the tower's square, or with ``pad`` letterboxed first as upstream
+  (``eval.letterbox``).
 - Needle: inserted before haystack frame ``int(depth * n)``, so a prompt holds n + 1 frames.
   The frames are never copied: every frame slot of an expanded prompt points at a row of one
   visual-token table (haystack frames first, then the needles), see :func:`cell_visual_index`.
@@ -13,6 +15,8 @@ from pathlib import Path
 
 import av
 import numpy as np
+
+from longvila_jax.eval.letterbox import pad_and_resize
 
 
 def one_fps_indices(frame_count: int, avg_fps: float, max_frames: int) -> np.ndarray:
@@ -32,8 +36,12 @@ def one_fps_indices(frame_count: int, avg_fps: float, max_frames: int) -> np.nda
     return np.arange(0, frame_count, step, dtype=np.int64)[:max_frames]
 
 
-def load_haystack(path: str | Path, max_frames: int, size: int) -> np.ndarray:
+def load_haystack(path: str | Path, max_frames: int, size: int, pad: bool = False) -> np.ndarray:
     """Decodes the first ``max_frames`` 1 fps frames of a video (sequential decode).
+
+    ``pad``: letterbox each frame at its own resolution onto a mean-colour square before the
+    bicubic resize (upstream's ``image_aspect_ratio="pad"``); otherwise libswscale resizes it
+    straight to the square while converting to RGB.
 
     Returns:
       uint8 [max_frames, size, size, 3].
@@ -59,9 +67,12 @@ def load_haystack(path: str | Path, max_frames: int, size: int) -> np.ndarray:
         frames = []
         for i, frame in enumerate(container.decode(stream)):
             if i in keep:
-                rgb = frame.to_ndarray(
-                    width=size, height=size, format="rgb24", interpolation="BICUBIC"
-                )
+                if pad:
+                    rgb = pad_and_resize(frame.to_ndarray(format="rgb24"), size)
+                else:
+                    rgb = frame.to_ndarray(
+                        width=size, height=size, format="rgb24", interpolation="BICUBIC"
+                    )
                 frames.append(rgb)
                 if len(frames) == max_frames:
                     break

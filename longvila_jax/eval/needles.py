@@ -31,12 +31,13 @@ from PIL import Image, ImageDraw, ImageFont
 
 from longvila_jax.core.errors import InputError, brief
 from longvila_jax.core.safe_load import parse_json
-from longvila_jax.core.safe_paths import read_regular, resolve_inside
+from longvila_jax.core.safe_paths import open_regular, read_regular, resolve_inside
 from longvila_jax.data.glyphs import COLOURS, render_number
-from longvila_jax.data.image import load_image
+from longvila_jax.data.image import load_image, to_rgb
 from longvila_jax.data.skips import SampleSkipped
 from longvila_jax.data.synthetic import NEEDLE_QUESTION
 from longvila_jax.data.video import write_video
+from longvila_jax.eval.letterbox import pad_and_resize
 
 WORD_QUESTION = "What is the secret word shown in the video?"
 WORDS = ("apple", "river", "tiger", "piano", "cloud", "lemon", "rocket", "violet")
@@ -146,8 +147,21 @@ def write_needles(out_dir: str | Path, needles: Sequence[Needle]) -> Path:
     return path
 
 
-def load_needles(needles_dir: str | Path, size: int) -> list[Needle]:
-    """Reads a needles folder (``needles.jsonl`` + images), images resized to ``size``.
+def _padded_image(path: Path, size: int) -> np.ndarray:
+    """The image at its own resolution, letterboxed and resized (``eval.letterbox``)."""
+    with open_regular(path, "needle image", InputError) as f:
+        try:
+            with Image.open(f) as img:  # Pillow's decompression-bomb limit applies
+                img.load()
+                rgb = np.asarray(to_rgb(img), np.uint8)
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            raise InputError(f"{path}: unreadable image ({brief(str(e))})") from None
+    return pad_and_resize(rgb, size)
+
+
+def load_needles(needles_dir: str | Path, size: int, pad: bool = False) -> list[Needle]:
+    """Reads a needles folder (``needles.jsonl`` + images), images resized to ``size``
+    (``pad``: letterboxed onto a mean-colour square first, upstream's ``"pad"``).
 
     The manifest goes through the checked JSON loader and image paths must be relative
     paths that stay inside the folder (``core.safe_paths``).
@@ -173,8 +187,8 @@ def load_needles(needles_dir: str | Path, size: int) -> list[Needle]:
                 raise InputError(f"{where}: field {key!r} must be a non-empty string")
         image_path = resolve_inside(root, row["image"], f"{where}: image", InputError)
         try:
-            image = load_image(image_path, size)
-        except (SampleSkipped, FileNotFoundError) as e:
+            image = _padded_image(image_path, size) if pad else load_image(image_path, size)
+        except (SampleSkipped, FileNotFoundError, InputError) as e:
             raise InputError(f"{where}: image {brief(row['image'])}: {e}") from None
         needle_id = str(row.get("id", f"needle-{len(out)}"))
         out.append(Needle(needle_id, image, row["question"], row["answer"]))

@@ -39,7 +39,8 @@ from longvila_jax.eval.videomme_annotations import (
     load_annotations,
     question_text,
 )
-from longvila_jax.infer.prompts import prompt_ids, single_token_id, template_for
+from longvila_jax.infer.chat_format import ChatFormat, chat_format
+from longvila_jax.infer.prompts import prompt_ids, single_token_id
 from longvila_jax.infer.scoring import TeacherForcedScorer
 from longvila_jax.models.vlm import expand_prompts
 
@@ -74,7 +75,7 @@ def _letter_scores(
     question: MCQuestion,
     table,
     num_frames: int,
-    template: str,
+    template: str | ChatFormat,
     newline_after_frame: bool,
     length_bucket: int,
 ) -> dict:
@@ -124,7 +125,7 @@ def run_videomme(
     *,
     mesh=None,
     out_dir: str | Path | None = None,
-    template: str | None = None,
+    template: str | ChatFormat | None = None,
     newline_after_frame: bool = True,
     length_bucket: int = 256,
     encode_batch: int = 32,
@@ -139,7 +140,8 @@ def run_videomme(
       num_frames: frames per video, sampled uniformly.
       mesh: optional mesh for the sequence-parallel forward.
       out_dir: results folder (created), or None.
-      template: chat template (default from the LLM architecture).
+      template: a built-in template name or a ``ChatFormat`` (default: the tokenizer's own
+        template, else the built-in one of the LLM architecture; ``infer.chat_format``).
       newline_after_frame: ``"<image>\\n"`` per frame, as our training.
       length_bucket: sequences are padded to a multiple of this (fewer compilations).
       encode_batch: frames per vision-tower call.
@@ -156,7 +158,7 @@ def run_videomme(
     if not isinstance(annotations, (list, tuple)):
         annotations = load_annotations(annotations)
     questions = list(annotations)[:limit]
-    template = template or template_for(cfg)
+    template = template or chat_format(tokenizer, cfg.llm.arch)
     scorer = TeacherForcedScorer(model, mesh, encode_batch=encode_batch)
     by_video: dict[str, list[MCQuestion]] = {}
     for question in questions:
@@ -196,7 +198,7 @@ def run_videomme(
             records.append({**record, **scored})
     results = {
         "num_frames": num_frames,
-        "template": template,
+        "template": template if isinstance(template, str) else template.name,
         "newline_after_frame": newline_after_frame,
         "scoring": "argmax of the option-letter logits at the first answer position",
         "mesh": None if mesh is None else {k: int(v) for k, v in mesh.shape.items()},

@@ -2,7 +2,7 @@
 
     python -m longvila_jax.eval.vniah --model DIR --haystack VIDEO --needles DIR \\
         --frames 8,16,32 --depths 0,0.2,0.4,0.6,0.8,1 [--mesh configs/mesh/cpu8_r2u4.yaml] \\
-        [--out DIR]
+        [--out DIR] [--faithful | --pad --upstream-prompt --no-rope-scaling] [--rope-theta X]
 
 Procedure (longvila.md §8), per frame count n, depth d and needle:
 
@@ -17,12 +17,33 @@ Procedure (longvila.md §8), per frame count n, depth d and needle:
    lower-cased with whitespace removed (the decoded text is compared; token equality, the
    original's criterion, is recorded as ``token_match``). Cell score = mean over needles.
 
-Frame separators: our training prompt is ``"<image>\\n" * n + question`` (197 positions per frame
-for the real models), while upstream V-NIAH concatenates frame embeddings without separators
-(196). We follow our training by default; ``newline_after_frame=False`` (``--no-newline``)
-reproduces upstream. Other deviations: upstream's Qwen2 pre-prompt says "You are a helpful
-assistant." with a full stop, our training template has none; padding positions get segment id
-0 instead of EOS tokens (neither changes the causal answer logits).
+Default mode (the model as trained and served): frames are resized to the square, the prompt is
+``"<image>\\n" * n + question`` (197 positions per frame for the real models) rendered with the
+checkpoint's chat template (``infer.chat_format``: for Qwen2 the system text "You are a helpful
+assistant" without a full stop, as upstream's own ``qwen2.jinja`` and our training have it),
+and RoPE follows the checkpoint's config.
+
+Faithful mode (``--faithful``, upstream's published measurement; each part is also its own
+option):
+
+- ``pad`` (``--pad``): every haystack frame and needle image is letterboxed onto a mean-colour
+  square before the resize, as both upstream embedding scripts set ``image_aspect_ratio="pad"``
+  (``eval.letterbox``);
+- ``upstream_prompt`` (``--upstream-prompt``): upstream's fixed pre/post-prompts
+  (``infer.prompts.VNIAH_PROMPTS``; Qwen2's system text "You are a helpful assistant." *with*
+  its full stop) around bare frames (196 positions per frame) and the question, each piece
+  tokenised without the automatic BOS (``safe_tokenize``);
+- ``ignore_rope_scaling`` (``--no-rope-scaling``, in ``--faithful`` for Qwen2 only, where
+  upstream used its ring Qwen2 that builds RoPE from ``rope_theta`` alone; its Llama path is HF
+  ``LlamaForCausalLM``, which applies the scaling): the run's config drops ``llm.rope_scaling``,
+  so the 1M release is evaluated without the linear /4, as its 6000-frame numbers were;
+  ``rope_theta`` (``--rope-theta``) overrides theta like upstream's ``--rope_theta``
+  (``eval.rope_override``).
+
+The full stop stays out of the default: it belongs to upstream's hard-coded V-NIAH prompt, not to
+the template the releases were trained with, so only the faithful mode reproduces it.
+Remaining deviation: padding positions get segment id 0 instead of EOS tokens (neither changes
+the causal answer logits).
 
 With a mesh the forward runs sequence-parallel (2D MM-SP attention on the zigzag layout, see
 ``infer.scoring``), as the original zigzag-shards it over 8 processes.
@@ -43,12 +64,11 @@ from longvila_jax.eval.haystack import cell_visual_index, insert_position, load_
 from longvila_jax.eval.needles import (
     Needle,
     load_needles,
-    make_haystack_video,
-    make_needles,
-    write_needles,
 )
 from longvila_jax.eval.report import write_results
-from longvila_jax.infer.prompts import answer_ids, prompt_ids, template_for
+from longvila_jax.eval.rope_override import rope_overrides, with_config_overrides
+from longvila_jax.infer.chat_format import TEMPLATE_OF_ARCH, ChatFormat, chat_format
+from longvila_jax.infer.prompts import answer_ids, prompt_ids, vniah_upstream_ids
 from longvila_jax.infer.scoring import TeacherForcedScorer, score_answer
 from longvila_jax.models.vlm import ExpandedInputs, expand_prompts
 
@@ -66,20 +86,35 @@ def exact_match(prediction: str, answer: str) -> bool:
 
 
 def _needle_prompts(
-    tokenizer, cfg, needles: Sequence[Needle], n: int, template: str, newline: bool
+    tokenizer,
+    cfg,
+    needles: Sequence[Needle],
+    n: int,
+    template: str | ChatFormat,
+    newline: bool,
+    upstream_prompt: bool,
 ) -> list[tuple[ExpandedInputs, np.ndarray, np.ndarray]]:
     """(expanded prompt + answer [1, T], answer ids [K], query positions [K]) per needle, for
     n haystack frames + the needle (which frame slot holds the needle is decided later)."""
     out = []
     for needle in needles:
-        prompt = prompt_ids(
-            tokenizer,
-            needle.question,
-            n + 1,
-            template=template,
-            image_token_id=cfg.image_token_id,
-            newline_after_frame=newline,
-        )
+        if upstream_prompt:
+            prompt = vniah_upstream_ids(
+                tokenizer,
+                needle.question,
+                n + 1,
+                template=template,
+                image_token_id=cfg.image_token_id,
+            )
+        else:
+            prompt = prompt_ids(
+                tokenizer,
+                needle.question,
+                n + 1,
+                template=template,
+                image_token_id=cfg.image_token_id,
+                newline_after_frame=newline,
+            )
         answer = answer_ids(tokenizer, needle.answer, f"needle {needle.id}: the answer")
         expanded = expand_prompts(
             np.concatenate([prompt, answer])[None],
@@ -118,8 +153,12 @@ def run_vniah(
     *,
     mesh=None,
     out_dir: str | Path | None = None,
-    template: str | None = None,
+    template: str | ChatFormat | None = None,
     newline_after_frame: bool = True,
+    pad: bool = False,
+    upstream_prompt: bool = False,
+    ignore_rope_scaling: bool = False,
+    rope_theta: float | None = None,
     batch_size: int = 1,
     encode_batch: int = 32,
     title: str = "V-NIAH",
@@ -136,8 +175,16 @@ def run_vniah(
       depths: needle depths in [0, 1].
       mesh: optional mesh for the sequence-parallel forward (``parallel.mesh.make_mesh``).
       out_dir: where to write the results (created); None writes nothing.
-      template: ``qwen2`` / ``llama_3``; default from the model's LLM architecture.
+      template: a built-in name (``qwen2`` / ``llama_3``) or a ``ChatFormat``; default the
+        tokenizer's own template, else the built-in one of the LLM architecture. With
+        ``upstream_prompt`` a built-in name (default from the architecture).
       newline_after_frame: ``"\\n"`` after every frame (our training) or none (upstream).
+      pad: letterbox frames and needles onto a mean-colour square first (upstream "pad");
+        applies to a haystack video and a needles folder read here (arrays and ``Needle``
+        lists are taken as already preprocessed).
+      upstream_prompt: upstream's fixed V-NIAH prompt (module docstring).
+      ignore_rope_scaling: evaluate with ``llm.rope_scaling`` removed (upstream's ring Qwen2).
+      rope_theta: evaluate with this RoPE theta.
       batch_size: depths per forward (a memory knob; 1 as upstream).
       encode_batch: frames per vision-tower call.
       title: heatmap title.
@@ -152,7 +199,16 @@ def run_vniah(
     frame_counts = [int(n) for n in frame_counts]
     depths = [float(d) for d in depths]
     _check_grid(frame_counts, depths, batch_size)
-    template = template or template_for(cfg)
+    model = with_config_overrides(model, rope_overrides(ignore_rope_scaling, rope_theta))
+    cfg = model.cfg
+    if upstream_prompt:
+        template = template or TEMPLATE_OF_ARCH[cfg.llm.arch]
+        if not isinstance(template, str):
+            raise ValueError("upstream_prompt takes a built-in template name, not a ChatFormat")
+        newline_after_frame = False  # upstream concatenates the frames bare
+    elif template is None:
+        template = chat_format(tokenizer, cfg.llm.arch)
+    template_name = template if isinstance(template, str) else template.name
     size = cfg.vision.image_size
     max_n = max(frame_counts)
     if isinstance(haystack, np.ndarray):
@@ -160,9 +216,9 @@ def run_vniah(
             raise ValueError(f"haystack: {haystack.shape[0]} frames given, {max_n} needed")
         haystack_frames = haystack[:max_n]
     else:
-        haystack_frames = load_haystack(haystack, max_n, size)
+        haystack_frames = load_haystack(haystack, max_n, size, pad=pad)
     if not isinstance(needles, (list, tuple)):
-        needles = load_needles(needles, size)
+        needles = load_needles(needles, size, pad=pad)
 
     scorer = TeacherForcedScorer(model, mesh, encode_batch=encode_batch)
     tokens_per_frame = cfg.tokens_per_frame
@@ -173,7 +229,9 @@ def run_vniah(
 
     cells, lengths = [], {}
     for n in frame_counts:
-        prompts = _needle_prompts(tokenizer, cfg, needles, n, template, newline_after_frame)
+        prompts = _needle_prompts(
+            tokenizer, cfg, needles, n, template, newline_after_frame, upstream_prompt
+        )
         # Every prompt of this frame count is padded to one length: one compilation for all.
         longest = max(expanded.text_ids.shape[1] for expanded, _, _ in prompts)
         length = scorer.padded_length(longest)
@@ -234,8 +292,12 @@ def run_vniah(
         "frame_counts": frame_counts,
         "depths": depths,
         "needles": [needle.id for needle in needles],
-        "template": template,
+        "template": template_name,
         "newline_after_frame": newline_after_frame,
+        "pad": pad,
+        "upstream_prompt": upstream_prompt,
+        "rope_theta": cfg.llm.rope_theta,
+        "rope_scaling": None if cfg.llm.rope_scaling is None else cfg.llm.rope_scaling.factor,
         "tokens_per_frame": tokens_per_frame,
         "sequence_length": {str(n): lengths[n] for n in frame_counts},
         "mesh": None if mesh is None else {k: int(v) for k, v in mesh.shape.items()},
@@ -247,61 +309,6 @@ def run_vniah(
     if out_dir is not None:
         write_results(results, out_dir)
     return results
-
-
-def demo_vniah(
-    model,
-    tokenizer,
-    out_dir: str | Path,
-    train_frames: int,
-    *,
-    multiples: Sequence[int] = (1, 2, 4),
-    depths: Sequence[float] = DEFAULT_DEPTHS,
-    mesh=None,
-    numbers: Sequence[str] | None = None,
-    count: int = 5,
-    seed: int = 0,
-    batch_size: int = 1,
-) -> dict:
-    """V-NIAH after training: synthetic haystack + number needles, at multiples of the
-    training frame count; writes ``haystack.mp4``, ``needles/``, ``results.json`` and
-    ``heatmap.png`` under ``out_dir``.
-
-    Args:
-      model, tokenizer: the trained model and its tokenizer.
-      out_dir: output folder (created).
-      train_frames: frames per video the model was trained with.
-      multiples: frame counts are ``train_frames * m``.
-      depths: needle depths.
-      mesh: optional mesh for the sequence-parallel forward.
-      numbers: secret numbers of the needles (e.g. the held-out split, see
-        ``needles.numbers_from_manifest``); default ``count`` random two-digit numbers.
-      count: needles when ``numbers`` is None.
-      seed: haystack colours and default numbers.
-      batch_size: depths per forward.
-
-    Returns:
-      The :func:`run_vniah` results.
-    """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    counts = [train_frames * m for m in multiples]
-    size = model.cfg.vision.image_size
-    make_haystack_video(out / "haystack.mp4", max(counts), size=size, seed=seed)
-    needles = make_needles(count, size=size, seed=seed, numbers=numbers)
-    write_needles(out / "needles", needles)
-    return run_vniah(
-        model,
-        tokenizer,
-        out / "haystack.mp4",
-        needles,
-        counts,
-        depths,
-        mesh=mesh,
-        out_dir=out,
-        batch_size=batch_size,
-        title=f"V-NIAH (trained with {train_frames} frames)",
-    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -321,13 +328,35 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="vniah_out", help="results folder")
     parser.add_argument("--batch-size", type=int, default=1, help="depths per forward")
     parser.add_argument("--title", default="V-NIAH")
+    parser.add_argument(
+        "--faithful",
+        action="store_true",
+        help="upstream's measurement: --pad --upstream-prompt, and --no-rope-scaling for Qwen2",
+    )
+    parser.add_argument(
+        "--pad", action="store_true", help="letterbox frames/needles on a mean-colour square"
+    )
+    parser.add_argument(
+        "--upstream-prompt",
+        action="store_true",
+        help="upstream's fixed V-NIAH prompt ('You are a helpful assistant.'), bare frames",
+    )
+    parser.add_argument(
+        "--no-rope-scaling", action="store_true", help="ignore llm.rope_scaling for this run"
+    )
+    parser.add_argument("--rope-theta", type=float, help="RoPE theta for this run")
     args = parser.parse_args(argv)
 
     def evaluate(model, tokenizer, **options) -> str:
+        upstream_prompt = args.faithful or args.upstream_prompt
+        if upstream_prompt:
+            options["template"] = args.template  # a built-in name (or None: from the arch)
+        no_scaling = args.no_rope_scaling or (args.faithful and model.cfg.llm.arch == "qwen2")
         results = run_vniah(
             model, tokenizer, args.haystack, args.needles, args.frames, args.depths,
             out_dir=args.out, batch_size=args.batch_size, title=args.title, progress=True,
-            **options,
+            pad=args.faithful or args.pad, upstream_prompt=upstream_prompt,
+            ignore_rope_scaling=no_scaling, rope_theta=args.rope_theta, **options,
         )  # fmt: skip
         mean, seconds = results["mean_score"], results["seconds"]
         return f"V-NIAH mean score {mean:.4f} ({seconds} s); wrote {args.out}"

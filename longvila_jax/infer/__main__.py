@@ -5,8 +5,15 @@
         [--temperature 0] [--top-p 1] [--seed 0] [--stop TOKEN ...] "question"
 
 ``--model`` is a project checkpoint or a VILA-layout directory (``ckpt.load_pretrained``); the
-tokenizer comes from the same directory unless ``--tokenizer`` is given. ``--fps F`` samples
-about F frames per second, at most ``--frames`` (default 8). Timings go to stderr.
+tokenizer comes from the same directory unless ``--tokenizer`` is given. Prompts use the
+checkpoint's own chat template (``infer.chat_format``) unless ``--template`` names a built-in one.
+
+Frames: a checkpoint that carries an upstream top-level config (``infer.release``) follows
+upstream's inference rule (``infer.frames``): ``fps > 0`` takes one frame every 1/fps seconds
+from the start, at most ``--frames``; ``fps == 0`` spreads ``--frames`` over the whole video;
+both default to the config's ``num_video_frames`` / ``fps``. Other checkpoints use the training
+rule: ``--frames`` (default 8) uniform frames, or about ``--fps`` frames per second for a video
+shorter than frames / fps seconds. Timings go to stderr.
 
 Exit status: 0 answered; 1 a bad input (a missing, garbage or tampered model directory, an
 unreadable video, a bad mesh file: any ``core.errors.InputError``), named on one ``error: ...``
@@ -26,6 +33,7 @@ from longvila_jax.ckpt.pretrained import load_pretrained, load_tokenizer
 from longvila_jax.core.errors import InputError
 from longvila_jax.data.skips import SampleSkipped
 from longvila_jax.infer.generate import Generator
+from longvila_jax.infer.release import read_release_config
 from longvila_jax.infer.sampling import SamplingParams
 from longvila_jax.parallel.mesh import load_mesh_config, make_mesh
 
@@ -41,8 +49,17 @@ def _parser() -> argparse.ArgumentParser:
         "--model", required=True, help="project checkpoint or VILA-layout directory"
     )
     parser.add_argument("--video", required=True, help="video file")
-    parser.add_argument("--frames", type=int, default=8, help="frames to sample (max with --fps)")
-    parser.add_argument("--fps", type=float, default=0.0, help="sample about this many frames/s")
+    parser.add_argument(
+        "--frames", type=int, help="frames to sample (max with --fps); default: config or 8"
+    )
+    parser.add_argument(
+        "--fps", type=float, help="frames per second to sample; default: config or 0 (uniform)"
+    )
+    parser.add_argument(
+        "--template",
+        choices=("qwen2", "llama_3"),
+        help="built-in chat template (default: the checkpoint's own)",
+    )
     parser.add_argument("--mesh", help="mesh file (configs/mesh/*.yaml); default one device")
     parser.add_argument("--cpu-devices", type=int, help="simulate this many CPU devices (testing)")
     parser.add_argument("--tokenizer", help="tokenizer directory (default: from --model)")
@@ -57,8 +74,11 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.frames < 1:
+    if args.frames is not None and args.frames < 1:
         print("error: --frames must be >= 1", file=sys.stderr)
+        return 2
+    if args.fps is not None and args.fps < 0:
+        print("error: --fps must be >= 0", file=sys.stderr)
         return 2
     if args.cpu_devices:
         # Simulated devices are CPU devices. ``python -m`` has imported jax already (through
@@ -75,8 +95,16 @@ def main(argv: list[str] | None = None) -> int:
         mesh = make_mesh(mesh_cfg) if mesh_cfg else None
         model = load_pretrained(args.model, dtype=args.dtype)
         tokenizer = load_tokenizer(args.tokenizer or args.model)
+        release = read_release_config(args.model)
         block_size = mesh_cfg.block_size if mesh_cfg else 1
-        generator = Generator(model, tokenizer, mesh=mesh, block_size=block_size)
+        generator = Generator(
+            model,
+            tokenizer,
+            mesh=mesh,
+            block_size=block_size,
+            template=args.template,
+            release=release,
+        )
         result = generator.generate(
             args.question,
             video=args.video,

@@ -27,7 +27,10 @@ from jax.sharding import Mesh
 import longvila_jax.infer.prompts as prompts
 from longvila_jax.data.text import IMAGE_TOKEN
 from longvila_jax.data.video import decode_video
+from longvila_jax.infer.chat_format import ChatFormat, chat_format
 from longvila_jax.infer.engine import TokenGenerator
+from longvila_jax.infer.frames import decode_inference_frames
+from longvila_jax.infer.release import ReleaseConfig
 from longvila_jax.infer.sampling import GREEDY, SamplingParams
 from longvila_jax.infer.scoring import TeacherForced
 
@@ -65,13 +68,26 @@ class Generator(TokenGenerator):
       tokenizer: its Hugging Face fast tokenizer (``<image>`` must map to cfg.image_token_id);
         None when only the token-level methods (``iter_tokens``, ``generate_tokens``) are used.
       mesh: a (data, fsdp, ring, ulysses) mesh (``parallel.mesh.make_mesh``); None = one device.
-      template: chat template name (``qwen2`` / ``llama_3``); default from the LLM arch.
+      template: a built-in template name (``qwen2`` / ``llama_3``) or a
+        :class:`~longvila_jax.infer.chat_format.ChatFormat`; default the checkpoint's own
+        (``infer.chat_format.chat_format``: the release config's named template, the
+        tokenizer's ``chat_template``, else the built-in one of the LLM arch).
+      release: the checkpoint's upstream settings (``infer.release.read_release_config``);
+        when given, frames follow upstream's inference rule (``infer.frames``) with its
+        ``num_video_frames`` / ``fps`` as defaults, and prompts keep the automatic BOS.
       **engine: ``kv_chunk``, ``bucket``, ``block_size``, ``combine``, ``compiler_options`` of
         :class:`~longvila_jax.infer.engine.TokenGenerator`.
     """
 
     def __init__(
-        self, model, tokenizer, *, mesh: Mesh | None = None, template: str | None = None, **engine
+        self,
+        model,
+        tokenizer,
+        *,
+        mesh: Mesh | None = None,
+        template: str | ChatFormat | None = None,
+        release: ReleaseConfig | None = None,
+        **engine,
     ):
         if tokenizer is not None:
             tokenizer_image = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
@@ -82,17 +98,31 @@ class Generator(TokenGenerator):
                 )
         super().__init__(model, mesh=mesh, **engine)
         self.tokenizer = tokenizer
+        self.release = release
+        if template is None and tokenizer is not None:
+            named = release.chat_template if release is not None else None
+            template = chat_format(tokenizer, self.cfg.llm.arch, named, release is not None)
         self.template = template or prompts.template_for(self.cfg)
 
     # ----------------------------------------------------------------------------- inputs
-    def load_frames(self, video: str, num_frames: int = 8, fps: float = 0.0) -> np.ndarray:
+    def load_frames(
+        self, video: str, num_frames: int | None = None, fps: float | None = None
+    ) -> np.ndarray:
         """Samples frames from a video file: uint8 [n, S, S, 3], S = the tower's image size.
 
-        ``num_frames`` uniformly spaced frames, or about ``fps`` frames per second when the
-        video is shorter than ``num_frames / fps`` seconds (LongVILA's rule).
+        With ``release`` (an upstream checkpoint): upstream's inference rule
+        (``infer.frames``): ``fps > 0`` takes one frame every ``1/fps`` s from the start, at
+        most ``num_frames``; ``fps == 0`` spreads ``num_frames`` over the video; both default
+        to the release config's (``num_video_frames``, else 8). Otherwise the training rule:
+        ``num_frames`` (default 8) uniformly spaced frames, or about ``fps`` frames per second
+        when the video is shorter than ``num_frames / fps`` seconds.
         """
         size = self.cfg.vision.image_size
-        return decode_video(video, size, num_frames, max_fps=fps, min_frames=1)
+        release = self.release
+        if release is not None:
+            n = num_frames or release.num_video_frames or 8
+            return decode_inference_frames(video, size, n, release.fps if fps is None else fps)
+        return decode_video(video, size, num_frames or 8, max_fps=fps or 0.0, min_frames=1)
 
     def pixel_values(self, frames: np.ndarray) -> np.ndarray:
         """uint8 frames [n, S, S, 3] -> normalised float32; float input is taken as normalised."""
@@ -125,8 +155,8 @@ class Generator(TokenGenerator):
         *,
         video: str | None = None,
         frames: np.ndarray | None = None,
-        num_frames: int = 8,
-        fps: float = 0.0,
+        num_frames: int | None = None,
+        fps: float | None = None,
         sampling: SamplingParams = GREEDY,
     ) -> Iterator[str]:
         """Yields the answer's text as it is generated (arguments as :meth:`generate`)."""
@@ -141,8 +171,8 @@ class Generator(TokenGenerator):
         *,
         video: str | None = None,
         frames: np.ndarray | None = None,
-        num_frames: int = 8,
-        fps: float = 0.0,
+        num_frames: int | None = None,
+        fps: float | None = None,
         sampling: SamplingParams = GREEDY,
         on_text: Callable[[str], None] | None = None,
     ) -> Generation:
@@ -152,7 +182,7 @@ class Generator(TokenGenerator):
           question: the user's question (``<image>``/``<video>`` tags are removed).
           video: a video file, sampled with ``num_frames`` / ``fps``; or
           frames: uint8 [n, S, S, 3] frames already sampled (or normalised float32).
-          num_frames, fps: frame sampling (see :meth:`load_frames`).
+          num_frames, fps: frame sampling (see :meth:`load_frames`; None: the defaults).
           sampling: token budget, temperature (0 = greedy), top_p, seed and extra stop tokens
             (:class:`~longvila_jax.infer.sampling.SamplingParams`; default greedy, 128 tokens).
           on_text: called with every new piece of text as soon as it is decodable.
@@ -224,8 +254,8 @@ class Generator(TokenGenerator):
         *,
         video: str | None = None,
         frames: np.ndarray | None = None,
-        num_frames: int = 8,
-        fps: float = 0.0,
+        num_frames: int | None = None,
+        fps: float | None = None,
     ) -> TeacherForced:
         """Scores ``answer`` under teacher forcing with the MM-SP forward (V-NIAH's metric).
 

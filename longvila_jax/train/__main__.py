@@ -1,4 +1,5 @@
-"""CLI: ``python -m longvila_jax.train --config STAGE.yaml [--mesh MESH.yaml] [--set k=v ...]``.
+"""CLI: ``python -m longvila_jax.train --config STAGE.yaml [--mesh MESH.yaml] [--set k=v ...]``
+``[--dry-run [--devices N] [--devices-per-host N]]``.
 
 Runs or resumes one stage (rerunning the same command after a kill or preemption continues from
 the newest committed checkpoint). Exit codes: 0 done; 1 failed, with one ``error: ...`` line for
@@ -6,6 +7,16 @@ a bad input (a tampered init checkpoint, no intact checkpoint to resume, a chang
 broken data set or, under ``--fail-fast``, the first bad sample); 2 bad config, with one
 ``config error: ...`` line naming the file or field (nothing compiled); 3 halted on non-finite
 values; 75 preempted by SIGTERM (current step committed).
+
+``--dry-run`` plans the stage instead of running it (``train.dry_run``): every config check a run
+makes, against the planned device count (the mesh's sizes with ``mesh_set``, or ``--devices N``
+when an axis is -1; ``--devices-per-host``, default 8, sets the process count), the model built
+abstractly, nothing read from the data, the tokenizer or a checkpoint, nothing compiled or put on
+a device. It prints one JSON object on stdout (samples, tokens and rows per step, lr, steps,
+parameter counts, the longest admitted sample against ``seq_len``, dtypes, per-device parameter
+and optimizer bytes) and the same as a table on stderr. Exit codes: 0 the plan fits; 1 the
+longest sample the data config admits exceeds ``seq_len`` (the JSON still printed, ``"fits":
+false``, and one ``error:`` line); 2 bad config.
 
 ``--fail-fast`` turns every bad sample into an error naming it (``DataConfig.fail_fast``) for
 debugging a data set; it is not part of the resume fingerprint, so a run may be resumed with or
@@ -36,7 +47,26 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="stop at the first bad sample with an error naming it (debugging)",
     )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the stage's plan as JSON (stdout) and a table (stderr); run nothing",
+    )
+    parser.add_argument(
+        "--devices",
+        type=int,
+        default=None,
+        help="dry run: planned device count (default: the product of the mesh sizes)",
+    )
+    parser.add_argument(
+        "--devices-per-host",
+        type=int,
+        default=8,
+        help="dry run: devices per process (default 8: one GPU node)",
+    )
     args = parser.parse_args(argv)
+    if args.dry_run:
+        return _dry_run(args)
 
     # Imported here: jax and the model stack load slowly, and --help should not wait for them.
     from longvila_jax.config.train import load_stage
@@ -53,6 +83,36 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return loop.EXIT_FAILED
+
+
+def _dry_run(args: argparse.Namespace) -> int:
+    """``--dry-run``: the plan as JSON on stdout and a table on stderr (exit codes above)."""
+    import json
+
+    from longvila_jax.config.train import load_stage
+    from longvila_jax.train import dry_run
+
+    try:
+        stage = load_stage(args.config, args.set)
+        report = dry_run.plan(
+            stage,
+            mesh_path=args.mesh,
+            devices=args.devices,
+            devices_per_host=args.devices_per_host,
+        )
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    print(dry_run.table(report), file=sys.stderr)
+    print(json.dumps(report))
+    if not report["fits"]:
+        print(
+            f"error: {stage.name}: the longest admitted sample has "
+            f"{report['max_sample_positions']} positions > seq_len {report['seq_len']}",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ RESUME_MUTABLE = (
     "export_vila",
     "checkpoint.async_save",
     "run_dir",
+    "upstream",  # the upstream figures a stage is checked against, not what it trains
     "data.inline.fail_fast",  # debugging switch: it only stops a run, never changes its rows
 )
 

@@ -9,6 +9,14 @@ before writing. A relaunch restores the last checkpoint again and writes what is
 ``final/`` already on disk is kept (the export reads its params from there), so the outputs
 do not depend on where an earlier launch was killed.
 
+Dtypes (``train.precision``): the training checkpoints hold the state as trained (fp32 masters
+and moments); ``final/`` holds every floating parameter in the model config's ``param_dtype``
+(bf16 for the release configs, as upstream saves its bf16 model; the fp32 masters are rounded
+to nearest), so ``stage:<name>`` and ``ckpt.orbax_io.load_params`` read what a release holds.
+``vila/`` is written from ``final/``: an imported chain in the dtypes its source recorded
+(``ckpt.vila_export``: bf16 for the released checkpoints), a random-init chain in
+``param_dtype`` (``ckpt.fresh``).
+
 Kill points of this phase (tests; ``LONGVILA_TEST_KILL`` as ``core.faults`` parses it, see
 ``train.kill_switch.KILL_SITES`` and ``COUNTED_SITES``): ``stage_transition@<steps>`` (in
 ``loop.run_stage``), the writers' counted points (``ckpt_group``, ``dir_commit``,
@@ -42,6 +50,7 @@ from longvila_jax.ckpt.vila_export import export_vila
 from longvila_jax.config.base import load_config, save_yaml
 from longvila_jax.config.model import ModelConfig
 from longvila_jax.core import faults
+from longvila_jax.train.precision import cast_floating
 from longvila_jax.train.state import nest
 
 FINAL_DIR = "final"
@@ -115,7 +124,8 @@ def finish_stage(
     Args:
       run_dir: the stage's run directory.
       cfg: the config of ``flat``.
-      flat: flat params (``train.state`` names) of the finished state, LoRA merged.
+      flat: flat params (``train.state`` names) of the finished state, LoRA merged, in any
+        floating dtype (written in ``cfg.param_dtype``).
       like: the checkpoint the stage started from (None: random init).
       export_tokenizer: the data tokenizer for the VILA export, or None (no export).
       step: the stage's last step (keys the kill points).
@@ -149,7 +159,8 @@ def write_final(
     on_written: Callable[[], None] | None = None,
 ) -> None:
     """Writes the stage's output as a project checkpoint (``ckpt.orbax_io`` layout), and its
-    VILA layout (``<out>/../vila``) when ``export_tokenizer`` is given.
+    VILA layout (``<out>/../vila``) when ``export_tokenizer`` is given. Floating params are
+    cast to ``cfg.param_dtype`` first (on device, before the copy to the host).
 
     In a multi-process job, process 0 does the writing in a single-process child: Orbax's v1
     saver used by ``ckpt.orbax_io`` synchronises every process of a distributed job, which the
@@ -157,7 +168,8 @@ def write_final(
     before the export) is then not called.
     """
     remove_stale(out.parent)
-    host = {n: _to_host(v) for n, v in flat.items()}
+    stored = cast_floating(flat, cfg.param_dtype)
+    host = {n: _to_host(v) for n, v in stored.items()}
     if jax.process_index() != 0:
         return
     if jax.process_count() == 1:

@@ -58,8 +58,8 @@ from longvila_jax.train.metrics import MetricsWriter, batch_fields
 from longvila_jax.train.objective import OBJECTIVES, Objective
 from longvila_jax.train.optim import make_optimizer, make_schedule
 from longvila_jax.train.resolve import ResolvedStage, match_paths, resolve_stage
-from longvila_jax.train.start import StateLayout, prepare_init, runtime_model
-from longvila_jax.train.state import ModelTemplate, model_params
+from longvila_jax.train.start import StateLayout, forward_template, prepare_init, runtime_model
+from longvila_jax.train.state import model_params
 from longvila_jax.train.step import jit_step, make_train_step
 
 EXIT_OK = 0
@@ -288,7 +288,7 @@ def run_stage(
     # From here on the model is the start checkpoint's own config (+ model_set, RoPE changes).
     resolved = dataclasses.replace(resolved, model=runtime_model(resolved, init_ckpt))
     mesh = make_mesh(resolved.mesh)
-    template = ModelTemplate.build(resolved.model)
+    template = forward_template(resolved)  # computes in the stage's precision.compute
     match_paths(stage.trainable, list(template.names), "trainable")
     param_shardings = template.shardings(mesh, resolved.mesh.param_rules)
     optimizer = make_optimizer(stage.optim, stage.steps)

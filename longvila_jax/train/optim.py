@@ -4,6 +4,10 @@ Gradient clipping is by global norm (VILA/HF ``max_grad_norm``); the norm itself
 ``step.py`` before clipping so that the logged value is the raw one. Gradient accumulation is not
 an optax wrapper here: the jitted step sums micro-batch gradients itself, so the loss stays the
 exact token mean over the whole accumulated batch.
+
+Dtypes (``train.precision``): optax creates the AdamW moments like the parameters it is given
+(``mu_dtype`` unset), and the state hands it the fp32 masters, so the moments are fp32 as
+DeepSpeed keeps them; the step feeds it fp32 gradients and keeps each state leaf's dtype.
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ allocation, no compilation), and raises ``ConfigError`` naming the dotted field.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,6 +97,25 @@ def match_paths(patterns: tuple[str, ...], paths: list[str], field_name: str) ->
     return hit
 
 
+def planned_devices(stage: StageConfig, mesh_path: str | None = None) -> int | None:
+    """The device count a stage's mesh is written for: the product of its axis sizes (the mesh
+    file with ``mesh_set``), or None when an axis is -1 (it fills whatever devices there are).
+
+    A run checks the mesh against the devices it finds (``resolve_stage(num_devices=...)``); the
+    dry run (``train.dry_run``) checks it against this planned count instead, so a 256-GPU
+    stage resolves on a laptop.
+
+    Raises:
+      ConfigError: the mesh file or ``mesh_set`` is malformed (field under ``mesh``).
+    """
+    try:
+        cfg = mesh_lib.load_mesh_config(mesh_path or stage.mesh, stage.mesh_set)
+    except ConfigError as e:
+        raise e.under("mesh") from None
+    sizes = [getattr(cfg, a) for a in MESH_AXES]
+    return None if -1 in sizes else math.prod(sizes)
+
+
 def resolve_stage(
     stage: StageConfig,
     *,
@@ -110,7 +130,8 @@ def resolve_stage(
     Args:
       stage: the stage config.
       mesh_path: mesh YAML (default ``stage.mesh``; the CLI's ``--mesh`` wins).
-      num_devices: devices the mesh spans (all processes).
+      num_devices: devices the mesh spans (all processes): the devices present for a run, the
+        planned count (``planned_devices``) for the dry run.
       process_count: number of hosts; each data shard (the processes holding the same batch
         groups, ``parallel.host_shards``) reads ``data.batch_size`` rows per step.
       devices_per_process: local devices per host (Ulysses groups must fit in one).
@@ -219,4 +240,11 @@ def resolve_stage(
     )
 
 
-__all__ = ["ResolvedStage", "data_config", "match_paths", "model_config", "resolve_stage"]
+__all__ = [
+    "ResolvedStage",
+    "data_config",
+    "match_paths",
+    "model_config",
+    "planned_devices",
+    "resolve_stage",
+]

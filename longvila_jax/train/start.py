@@ -7,6 +7,11 @@ integrity manifest before use, and its parameter tree must match the stage's mod
 
 :class:`StateLayout` is the train state's shape and placement, known before any array exists:
 the loop restores a checkpoint into it or builds a fresh state with it (:meth:`StateLayout.fresh`).
+
+Dtypes (``train.precision``): parameters are loaded in the model's ``param_dtype`` (as
+stored), then the state holds the trainable ones and the LoRA adapters as fp32 masters
+(``precision.params``) and the frozen ones in ``precision.frozen``; :func:`forward_template`
+is the model the step builds, computing in ``precision.compute``.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from longvila_jax.config.model import ModelConfig
 from longvila_jax.config.train import StageConfig
 from longvila_jax.models.vlm import LongVILA
 from longvila_jax.train.finish import FINAL_DIR, barrier
+from longvila_jax.train.precision import DtypePolicy, forward_config
 from longvila_jax.train.resolve import ResolvedStage
 from longvila_jax.train.state import (
     ModelTemplate,
@@ -133,6 +139,17 @@ def runtime_model(resolved: ResolvedStage, init_ckpt: Path | None) -> ModelConfi
     return cfg
 
 
+def forward_template(resolved: ResolvedStage) -> ModelTemplate:
+    """The template of the model the train step builds: ``resolved.model`` computing in the
+    stage's compute dtype (``precision.compute``, null: the model's own ``compute_dtype``).
+
+    Its parameter shapes and dtypes are the model config's (``param_dtype``); the step casts
+    the state's parameters to the compute dtype before merging them into it.
+    """
+    policy = DtypePolicy.of(resolved.stage.precision, resolved.model)
+    return ModelTemplate.build(forward_config(resolved.model, policy))
+
+
 def initial_params(
     cfg: ModelConfig,
     init_ckpt: Path | None,
@@ -195,9 +212,10 @@ class StateLayout:
         """The layout of ``resolved``'s train state (traced abstractly: nothing is allocated)."""
         stage = resolved.stage
         trainable = set(resolved.trainable_paths)
+        policy = DtypePolicy.of(stage.precision, resolved.model)
 
         def build(params, lora, rng):
-            return create_state(params, trainable, optimizer, lora=lora, rng=rng)
+            return create_state(params, trainable, optimizer, lora=lora, rng=rng, policy=policy)
 
         abstract_lora = None
         if stage.lora:
@@ -241,6 +259,7 @@ class StateLayout:
 __all__ = [
     "INIT_DIR",
     "StateLayout",
+    "forward_template",
     "init_source",
     "initial_params",
     "prepare_init",

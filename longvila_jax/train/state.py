@@ -6,12 +6,16 @@ Parameters are addressed by their '/'-joined path in ``nnx.to_pure_dict(nnx.stat
 A stage's ``trainable`` regexes split the leaves in two; only the trainable part (and the LoRA
 adapters) is handed to the optimizer, so frozen parameters carry no optimizer state at all.
 
+Dtypes (``train.precision``): trainable parameters and LoRA adapters are the fp32 masters
+(``precision.params``), frozen ones keep ``precision.frozen`` (default: the model's
+``param_dtype``), whatever dtype the checkpoint stored them in.
+
 State layout (nested dicts, so Orbax stores readable keys)::
 
     {"step": int32[],                    # completed steps (skipped ones included)
      "params": {"trainable": {...}, "frozen": {...}},   # "frozen" absent when empty
      "lora": {<path>: {"a": [..., in, r], "b": [..., r, out]}},  # absent without LoRA
-     "opt": optax state of (trainable, lora),
+     "opt": optax state of (trainable, lora),   # AdamW moments in the masters' dtype
      "counters": {"nonfinite": int32[], "consecutive_nonfinite": int32[], "empty": int32[],
                   "applied": int32[]},
      "rng": uint32[2]}
@@ -35,6 +39,7 @@ from longvila_jax.config.model import ModelConfig
 from longvila_jax.core import trees
 from longvila_jax.models.vlm import LongVILA
 from longvila_jax.parallel.mesh import logical_to_spec
+from longvila_jax.train.precision import cast_floating
 
 Flat = dict[str, Any]
 
@@ -168,16 +173,36 @@ def nest_lora(adapters: Mapping[str, Mapping[str, Any]]) -> dict:
 
 
 def init_lora(shapes: Mapping[str, jax.ShapeDtypeStruct], paths, rank: int, key) -> dict:
-    """LoRA adapters: A ~ N(0, 1/rank) [..., in, r] in fp32, B = 0 [..., r, out].
+    """LoRA adapters as PEFT initialises them, in fp32 (``create_state`` casts them to
+    ``precision.params``).
 
-    With B = 0 the adapted model equals the base model at step 0.
+    PEFT (the library upstream's ``llava/train/train_llm_to_long.py`` uses) draws lora_A with
+    ``kaiming_uniform_(a=sqrt(5))`` over the torch weight [r, in]: uniform in
+    [-1/sqrt(in), 1/sqrt(in)] (bound = sqrt(6 / ((1 + a^2) * fan_in)) with fan_in = in), and
+    sets lora_B = 0, so the adapted model equals the base model at step 0. Our A is stored
+    transposed, [..., in, r]; a stacked kernel [layers, in, out] gets one A per layer, each with
+    fan_in = in. (Which other parameters train beside the adapters in stage 4, the RMSNorms and
+    not the embeddings by PEFT's suffix rule for ``modules_to_save="embed,norm"``, is set by the
+    stage YAMLs' ``trainable``.)
+
+    Args:
+      shapes: path -> ShapeDtypeStruct of the model's parameters.
+      paths: the kernels to adapt ([..., in, out] each).
+      rank: r.
+      key: PRNG key (adapter i draws from ``fold_in(key, i)``, paths sorted).
+
+    Returns:
+      {path: {"a": [..., in, r], "b": [..., r, out]}} in fp32.
     """
     adapters = {}
     for i, name in enumerate(sorted(paths)):
         s = shapes[name].shape
         a_shape = (*s[:-1], rank)
         b_shape = (*s[:-2], rank, s[-1])
-        a = jax.random.normal(jax.random.fold_in(key, i), a_shape, jnp.float32) / rank
+        bound = 1.0 / np.sqrt(s[-2])
+        a = jax.random.uniform(
+            jax.random.fold_in(key, i), a_shape, jnp.float32, minval=-bound, maxval=bound
+        )
         adapters[name] = {"a": a, "b": jnp.zeros(b_shape, jnp.float32)}
     return adapters
 
@@ -225,14 +250,31 @@ def init_counters() -> dict[str, jax.Array]:
     return {"nonfinite": z, "consecutive_nonfinite": z, "empty": z, "applied": z}
 
 
-def create_state(flat_params: Flat, trainable, optimizer, *, lora=None, rng=None) -> dict:
-    """A fresh train state (call under jit with the wanted shardings, or eagerly)."""
-    state: dict[str, Any] = {
-        "step": jnp.zeros((), jnp.int32),
-        "params": split_params(flat_params, trainable),
-    }
+def create_state(
+    flat_params: Flat, trainable, optimizer, *, lora=None, rng=None, policy=None
+) -> dict:
+    """A fresh train state (call under jit with the wanted shardings, or eagerly).
+
+    Args:
+      flat_params: path -> array (or ShapeDtypeStruct, under ``jax.eval_shape``).
+      trainable: the paths the optimizer updates.
+      optimizer: the optax transformation; its state is created over (trainable, LoRA).
+      lora: ``init_lora``'s adapters, or None.
+      rng: uint32[2], or None (zeros).
+      policy: a ``train.precision.DtypePolicy``: trainable parameters and LoRA adapters are
+        cast to ``policy.params`` (the masters; the AdamW moments are created in their dtype),
+        frozen ones to ``policy.frozen``. None keeps the dtypes given.
+    """
+    params = split_params(flat_params, trainable)
+    if policy is not None:
+        params = {
+            part: cast_floating(tree, policy.params if part == "trainable" else policy.frozen)
+            for part, tree in params.items()
+        }
+    state: dict[str, Any] = {"step": jnp.zeros((), jnp.int32), "params": params}
     if lora:
-        state["lora"] = nest_lora(lora)
+        adapters = nest_lora(lora)
+        state["lora"] = adapters if policy is None else cast_floating(adapters, policy.params)
     state["opt"] = optimizer.init(diff_params(state))
     state["counters"] = init_counters()
     state["rng"] = jnp.zeros((2,), jnp.uint32) if rng is None else rng

@@ -5,6 +5,13 @@ array). It scans over the micro-batches summing CE sums, supervised-token counts
 of the CE sums (fp32), then divides by the total token count, so the loss is the exact token
 mean over the whole accumulated batch, whatever the split.
 
+Precision (``train.precision``, as DeepSpeed bf16 trains upstream): the loss function casts the
+masters, LoRA adapters and frozen parameters to the compute dtype before it builds the model,
+so the forward and backward run in that dtype while each gradient comes back through the cast
+in its master's dtype (fp32). The micro-batch gradients are summed in fp32 and reach AdamW in
+fp32, never cast down to the parameters' dtype; the optimizer state keeps the dtypes it was
+created with (the masters').
+
 Non-finite guard (reliability scenario 16): when the loss or the gradient norm is not finite, or
 the batch has no supervised token, the update is discarded with ``jnp.where`` on every leaf:
 parameters and optimizer state stay bitwise unchanged, only the counters move. The host loop
@@ -23,11 +30,14 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from longvila_jax.train.objective import Objective
+from longvila_jax.train.precision import to_compute
 from longvila_jax.train.state import ModelTemplate, apply_lora, diff_params, unnest, unnest_lora
 
 
 def _select(ok: jax.Array, new, old):
-    return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+    """``new`` where ``ok``, else ``old``, in ``old``'s dtypes: the state keeps its dtypes even
+    when an fp32 gradient meets lower-precision masters (optax would promote their moments)."""
+    return jax.tree.map(lambda n, o: jnp.where(ok, n, o).astype(o.dtype), new, old)
 
 
 def make_train_step(
@@ -47,17 +57,23 @@ def make_train_step(
       schedule: LR schedule (for logging), called on the number of applied updates.
       lora_scale: alpha / rank when the state carries LoRA adapters.
 
+    The forward runs in ``template.cfg.compute_dtype`` (build the template from
+    ``train.precision.forward_config`` to apply ``precision.compute``).
+
     Returns:
       The step function. Metrics: loss, grad_norm, lr, tokens (supervised), applied (bool),
       finite (bool), and the counters after the step.
     """
 
+    compute = jnp.dtype(template.cfg.compute_dtype)
+
     def loss_fn(diff: dict, frozen: dict, micro: Mapping[str, jax.Array]):
         flat = unnest(diff["params"])
         flat.update(unnest(frozen))
         if "lora" in diff:
+            # Merged in fp32 (``apply_lora``) into the kernel's stored dtype, then cast.
             flat = apply_lora(flat, unnest_lora(diff["lora"]), lora_scale)
-        model = template.merge(flat)
+        model = template.merge(to_compute(flat, compute))
         ce_sum, n_tok = objective.loss(model, micro)
         return ce_sum, n_tok
 
@@ -78,7 +94,9 @@ def make_train_step(
         (g_sum, ce_sum, n_tok), _ = jax.lax.scan(body, init, batch)
         denom = jnp.maximum(n_tok, 1.0)
         loss = ce_sum / denom
-        grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), g_sum, diff)
+        # fp32 into the optimizer whatever the masters' dtype (no cast down: an update below
+        # a lower dtype's resolution would be lost before AdamW sees it).
+        grads = jax.tree.map(lambda g: g / denom, g_sum)
         grad_norm = optax.tree.norm(g_sum) / denom
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         nonempty = n_tok > 0

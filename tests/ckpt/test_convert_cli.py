@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from helpers import vila_fixture as vf
 from helpers.hostile import ENV, ROOT, cli
 
@@ -68,6 +69,19 @@ def test_cli_hf_parts_import_and_errors(tmp_path):
     )
     assert r.returncode == 0, r.stderr
     assert "mlp_downsample projector" in r.stdout
+    # By default the tokenizer without BOS gets [BOS] and the table one row (VILA's stage 1);
+    # --keep-vocab leaves the table as the LLM has it.
+    r = cli(
+        "import", "--llm", tmp_path / "llm", "--vision", tmp_path / "siglip",
+        "--projector-type", "mlp_downsample", "--keep-vocab", "--out", tmp_path / "keep",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+
+    def vocab(ckpt):
+        return yaml.safe_load((ckpt / "model.yaml").read_text())["llm"]["vocab_size"]
+
+    assert vocab(tmp_path / "keep") == llm.config.vocab_size
+    assert vocab(tmp_path / "ckpt") == llm.config.vocab_size + 1
     # Missing tensor: a clear error, exit code 1, nothing written.
     (tmp_path / "siglip" / "model.safetensors").unlink()
     (tmp_path / "siglip" / "pytorch_model.bin").write_bytes(b"\x80\x04K\x01.")

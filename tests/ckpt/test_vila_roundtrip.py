@@ -192,11 +192,21 @@ def test_plain_hf_parts_import(tmp_path):
     assert cfg.image_token_id == load_tokenizer(ckpt).convert_tokens_to_ids("<image>")
     assert cfg.image_token_id >= spec.vocab  # added past the table, never gathered
     export_vila(ckpt, tmp_path / "vila")
-    # The LLM tensors are untouched; the vision tower is the vision half of the SiglipModel.
+    # Stage 1's tokens (VILA train.py): the tokenizer has no BOS, so [BOS] is added and the
+    # tables gain its row (checked in test_hf_parts_resize); the pad becomes the unk "w1".
+    tok = load_tokenizer(ckpt)
+    assert (tok.bos_token, tok.bos_token_id, tok.pad_token) == ("[BOS]", spec.vocab, "w1")
+    assert cfg.llm.vocab_size == spec.vocab + 1
+    # The other LLM tensors and the kept rows are untouched; the vision tower is the vision
+    # half of the SiglipModel.
     wa, wb = WeightSet(tmp_path / "llm"), WeightSet(tmp_path / "vila" / "llm")
-    assert wa.plan() == wb.plan()
+    assert sorted(wa.names) == sorted(wb.names)
     for n in wa.names:
-        assert wa.read(n).tobytes() == wb.read(n).tobytes(), n
+        a, b = wa.read(n), wb.read(n)
+        if n in ("model.embed_tokens.weight", "lm_head.weight"):
+            assert b.shape == (spec.vocab + 1, a.shape[1]), n
+            b = b[: spec.vocab]
+        assert a.tobytes() == b.tobytes(), n
     ws, wv = WeightSet(tmp_path / "siglip"), WeightSet(tmp_path / "vila" / "vision_tower")
     assert sorted(wv.names) == sorted(n for n in ws.names if n.startswith("vision_model."))
     for n in wv.names:

@@ -28,7 +28,14 @@ def test_row_length_rounds_up_to_pad_multiple():
     ("data", "field"),
     [
         ({"sp_degree": 0}, "sp_degree"),
-        ({"num_video_frames": 4, "sp_degree": 8}, "num_video_frames"),
+        (
+            {"datasets": [{"name": "a", "manifest": "a", "kind": "video", "group_size": 4}]},
+            "datasets[0].group_size",
+        ),
+        (
+            {"datasets": [{"name": "a", "manifest": "a", "kind": "coyo", "group_size": 0}]},
+            "datasets[0].group_size",
+        ),
         ({"max_fps": -1.0}, "max_fps"),
         ({"max_skip_rate": 1.5}, "max_skip_rate"),
         ({"decode_timeout_s": -1.0}, "decode_timeout_s"),

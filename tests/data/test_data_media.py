@@ -23,35 +23,53 @@ from longvila_jax.data.skips import SampleSkipped
 from longvila_jax.data.video import decode_video, sample_indices, write_video
 
 
-def test_sample_indices_uniform():
-    np.testing.assert_array_equal(sample_indices(100, 25.0, 4), [0, 33, 66, 99])
-    np.testing.assert_array_equal(sample_indices(9, 25.0, 3), [0, 4, 8])
-
-
-def test_sample_indices_max_fps():
-    # 40 frames at 8 fps = 5 s < 16 / 2 s: about 2 frames per second, 10 frames.
-    np.testing.assert_array_equal(
-        sample_indices(40, 8.0, 16, max_fps=2.0), np.round(np.linspace(0, 39, 10))
-    )
-    # Long enough: exactly num_frames.
-    assert len(sample_indices(400, 8.0, 16, max_fps=2.0)) == 16
+def upstream_indices(frame_count: int, fps: float, num_frames: int, max_fps: float) -> list[int]:
+    """The frames upstream keeps, written out from NVlabs/VILA ``llava/mm_utils.py`` (identical
+    on 386d350 and b760c34): ``get_frame_from_vcap`` (max_fps == 0) and
+    ``get_frame_from_vcap_with_fps``. Both read the stream once, in order, and keep frame ``i``
+    when ``i in frame_indices``, so a repeated index yields its frame once."""
+    if max_fps > 0 and frame_count / fps < num_frames / max_fps:
+        # _with_fps, "else" branch: frames_required = int(duration * max_fps); 1 -> 2 indices.
+        required = int(frame_count / fps * max_fps)
+        wanted = np.linspace(0, frame_count - 1, 2 if required == 1 else required, dtype=int)
+        return [i for i in range(frame_count) if i in wanted]
+    if frame_count >= num_frames:
+        wanted = np.linspace(0, frame_count - 1, num_frames, dtype=int)
+        return [i for i in range(frame_count) if i in wanted]
+    return list(range(frame_count))  # "Left padding frames if the video is not long enough"
 
 
 @pytest.mark.parametrize(
-    ("n", "sp", "want"),
-    [(256, 14, 252), (512, 14, 504), (1024, 28, 1008), (2048, 28, 2044), (8, 3, 6), (8, 1, 8)],
+    ("frame_count", "fps", "num_frames", "max_fps"),
+    [
+        (100, 25.0, 4, 0.0),
+        (48, 8.0, 6, 0.0),  # floor: 0 9 18 28 37 47 (rounding would give 19 and 38)
+        (5000, 30.0, 256, 2.0),  # long enough: exactly num_frames
+        (40, 8.0, 16, 2.0),  # 5 s < 8 s: int(5 * 2) = 10 frames
+        (250, 29.97, 64, 2.0),  # 8.34 s: 16 frames, floor of a non-integer step
+        (30, 8.0, 64, 0.0),  # fewer frames than wanted: each frame once, no duplicate
+        (10, 1.0, 64, 2.0),  # 10 s at 2 fps asks 20 > 10 frames: each frame once
+        (20, 30.0, 8, 2.0),  # int(0.67 * 2) = 1: upstream takes 2 (first and last)
+        (12, 2.0, 64, 0.0),  # short, no fps cap
+    ],
 )
-def test_sample_indices_sp_rounding(n, sp, want):
-    idx = sample_indices(5000, 30.0, n, sp_degree=sp)
-    assert len(idx) == want
-    assert idx[0] == 0 and idx[-1] == 4999  # still spans the whole video
+def test_sample_indices_match_upstream(frame_count, fps, num_frames, max_fps):
+    got = sample_indices(frame_count, fps, num_frames, max_fps)
+    assert got.tolist() == upstream_indices(frame_count, fps, num_frames, max_fps)
+
+
+def test_short_video_is_read_once_per_frame():
+    got = sample_indices(30, 8.0, 64)
+    assert got.tolist() == list(range(30))
 
 
 def test_sample_indices_too_short():
     with pytest.raises(SampleSkipped, match="too_few_frames"):
         sample_indices(1, 8.0, 8, min_frames=2)
-    with pytest.raises(SampleSkipped, match="too_few_frames"):
-        sample_indices(100, 8.0, 8, max_fps=0.1, sp_degree=2)
+    with pytest.raises(SampleSkipped, match="too_few_frames"):  # int(0.1 s * 2) = 0 frames
+        sample_indices(3, 30.0, 8, max_fps=2.0)
+    with pytest.raises(TypeError):  # the old positional sp_degree fails loudly
+        sample_indices(100, 8.0, 8, 0.0, 2)
 
 
 def _numbered_video(path, n=48, size=64, gop=12, codec="libx264"):
@@ -65,7 +83,7 @@ def test_decode_frames_are_the_sampled_ones(tmp_path, codec):
     _numbered_video(path, codec=codec)
     seq = decode_video(path, 64, 6, seek_gap_frames=1000)
     seek = decode_video(path, 64, 6, seek_gap_frames=1)
-    want = [f"{i:02d}" for i in np.round(np.linspace(0, 47, 6)).astype(int)]
+    want = [f"{i:02d}" for i in upstream_indices(48, 8.0, 6, 0.0)]
     assert [glyphs.read_number(f, 2) for f in seq] == want
     np.testing.assert_array_equal(seq, seek)  # frame-exact seeking
 
@@ -233,3 +251,44 @@ def test_image_that_is_a_fifo_is_skipped_without_blocking(tmp_path):
     os.mkfifo(fifo)
     with pytest.raises(SampleSkipped, match="not_regular_file.*FIFO"):
         load_image(fifo, 32)
+
+
+def test_short_video_kept_whole_despite_sp_degree(corpus, make_cfg, tmp_path):
+    """40 frames at 8 fps (5 s) with num_video_frames 64 and max_fps 2 sample 10 frames; the old
+    rounding to a multiple of sp_degree 16 left 0 and skipped the video. Upstream's longvideo_sft
+    never rounds (longvila.md 5.4): all 10 frames, in order, one ``<image>`` each."""
+    from longvila_jax.data.samples import SampleProcessor
+    from longvila_jax.data.text import image_token_id
+
+    _numbered_video(tmp_path / "v.mp4", n=40)
+    rec = {
+        "video": "v.mp4",
+        "conversations": [
+            {"from": "human", "value": "<video>\nQ?"},
+            {"from": "gpt", "value": "A."},
+        ],
+    }
+    (tmp_path / "m.json").write_text(json.dumps([rec]))
+    ds = {
+        "name": "v",
+        "manifest": str(tmp_path / "m.json"),
+        "kind": "video",
+        "media_root": str(tmp_path),
+    }
+    cfg = make_cfg(
+        corpus,
+        datasets=[ds],
+        image_size=64,
+        num_video_frames=64,
+        max_fps=2.0,
+        sp_degree=16,
+        max_frames_per_row=64,
+        max_length=2048,
+    )
+    proc = SampleProcessor(cfg)
+    out = proc({"dataset": "v", "index": 0, "raw": rec})
+    assert "skip_reason" not in out, out
+    want = [f"{i:02d}" for i in upstream_indices(40, 8.0, 64, 2.0)]
+    assert len(want) == 10
+    assert [glyphs.read_number(f, 2) for f in out["frames"]] == want
+    assert int(np.sum(out["input_ids"] == image_token_id(proc.tokenizer))) == 10

@@ -245,7 +245,7 @@ def test_numbers_from_manifest(tmp_path):
 
 @pytest.mark.slow
 def test_demo_vniah_writes_heatmap_at_multiples(tiny_model, tokenizer, tmp_path):
-    from longvila_jax.eval.vniah import demo_vniah
+    from longvila_jax.eval.vniah_demo import demo_vniah
 
     res = demo_vniah(
         tiny_model,

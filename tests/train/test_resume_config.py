@@ -19,7 +19,7 @@ import pytest
 from helpers.harness import REPO, TINY_MODEL, stage_dict, write_stage
 
 from longvila_jax.config.base import ConfigError, from_dict, to_dict
-from longvila_jax.config.train import StageConfig
+from longvila_jax.config.train import StageConfig, UpstreamRecipe
 from longvila_jax.train.checkpoint import Checkpointer
 from longvila_jax.train.fingerprint import (
     RESUME_MUTABLE,
@@ -70,6 +70,7 @@ def test_bookkeeping_fields_may_change_on_resume(corpus, tmp_path):
         export_vila=True,
         checkpoint=dataclasses.replace(base.checkpoint, async_save=False),
         run_dir=str(tmp_path / "moved"),
+        upstream=UpstreamRecipe(samples_per_step=146.29, lr=2e-5, script="upstream.sh"),
     )
     assert set(RESUME_MUTABLE) == {
         "log_every",
@@ -78,6 +79,7 @@ def test_bookkeeping_fields_may_change_on_resume(corpus, tmp_path):
         "checkpoint.async_save",
         "run_dir",
         "data.inline.fail_fast",
+        "upstream",
     }
     check_resume_config(stage_fingerprint(base), stage_fingerprint(changed), Path("run"), 4)
     # A checkpoint written before DataConfig had ``fail_fast`` (the key absent) resumes too.
