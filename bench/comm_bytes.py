@@ -3,7 +3,8 @@
 Compiles MM-SP attention (ring, Ulysses, 2D) on simulated CPU devices, counts every collective in
 the post-partitioning HLO with loop trip counts applied (``hlo_collectives``), converts result
 bytes to wire bytes sent per device, and compares with the analytic volumes of
-parallelism.md section 7 (``analytic_bytes``). Nothing is executed, only compiled.
+parallelism.md section 7 (``analytic_bytes``, from ``longvila_jax.plan.comm``). Nothing is
+executed, only compiled.
 
 Usage:
   python bench/comm_bytes.py [--seq 8192] [--heads 8] [--dim 64]
@@ -123,17 +124,12 @@ def hlo_collectives(text: str) -> dict[str, dict[str, float]]:
 
 
 def analytic_bytes(b, seq, heads, kv_heads, dim, ring, ulysses, e, e_acc=4) -> dict[str, float]:
-    """Wire bytes sent per device per attention layer (parallelism.md section 7), for this
-    implementation: Ulysses q/k/v/o all-to-all (+ the same in backward), ring R-1 KV hops in
-    forward and backward, R fp32 dK/dV hops (one-hop lag + return home). Metadata excluded."""
-    from longvila_jax.parallel.ulysses import kv_replication
+    """Wire bytes sent per device per attention layer (parallelism.md section 7): the planner's
+    formulas (``longvila_jax.plan.comm.attention_bytes``, the single source), fwd and fwd_bwd."""
+    from longvila_jax.plan.comm import attention_bytes
 
-    n = ring * ulysses
-    dkv = kv_heads * kv_replication(heads, kv_heads, ulysses) * dim
-    uly = e * b * (seq / n) * (2 * heads * dim + 2 * dkv) * (ulysses - 1) / ulysses
-    ring_fwd = 2 * e * b * seq * dkv * (ring - 1) / n
-    ring_bwd = ring_fwd + 2 * e_acc * b * seq * dkv * (ring if ring > 1 else 0) / n
-    return {"fwd": uly + ring_fwd, "fwd_bwd": 2 * uly + ring_fwd + ring_bwd}
+    ana = attention_bytes(b, seq, heads, kv_heads, dim, ring, ulysses, e, e_acc)
+    return {"fwd": ana["fwd"], "fwd_bwd": ana["fwd_bwd"]}
 
 
 def compiled_mmsp(mesh, b, seq, heads, kv_heads, dim, dtype, kv_chunk, grad: bool):

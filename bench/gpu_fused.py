@@ -71,14 +71,15 @@ def fused_block(q, k, v, causal: bool, scale: float, fused: str):
     return out.astype(jnp.float32), jnp.swapaxes(lse, 1, 2).astype(jnp.float32)
 
 
-def xla_block(q, k, v, causal, scale, q_off, k_off, kv_chunk):
-    """The ring's own XLA block (chunked online softmax), positions from chunk offsets."""
+def xla_block(q, k, v, causal, scale, q_off, k_off, kv_chunk, **kernel):
+    """The ring's own block (XLA chunked online softmax, or ``kernel``'s ``block_kernel``),
+    positions from chunk offsets."""
     b = q.shape[0]
     qp = jnp.broadcast_to(q_off + jnp.arange(q.shape[1]), (b, q.shape[1]))
     kp = jnp.broadcast_to(k_off + jnp.arange(k.shape[1]), (b, k.shape[1]))
     one_q, one_k = jnp.ones_like(qp), jnp.ones_like(kp)
     return block_forward(
-        q, k, v, one_q, one_k, qp, kp, causal=causal, scale=scale, kv_chunk=kv_chunk
+        q, k, v, one_q, one_k, qp, kp, causal=causal, scale=scale, kv_chunk=kv_chunk, **kernel
     )
 
 
@@ -114,10 +115,19 @@ def _merge(acc, blk):
     return o * w_old + o_b * w_new, new
 
 
-def make_zigzag(ring: int, scale: float, kv_chunk: int, fused: str | None = None):
+def make_zigzag(
+    ring: int,
+    scale: float,
+    kv_chunk: int,
+    fused: str | None = None,
+    block_kernel: str | None = None,
+):
     """Causal attention on natural-order q [b, L, h, d], k/v [b, L, hkv, d] through the emulated
     zigzag ring (L divisible by 2 * ring). Forward blocks: ``fused_block(fused)``, or the ring's
-    XLA kernels when ``fused`` is None; the backward always recomputes with the XLA kernels."""
+    own block kernels when ``fused`` is None; the backward always recomputes with the ring's.
+    ``block_kernel`` ("xla", "pallas", "auto"; None: the kernels' default) picks the ring's
+    kernels (bench/gpu_suite.py times both)."""
+    kernel = {} if block_kernel is None else {"block_kernel": block_kernel}
 
     def chunks(x):
         return jnp.split(x, 2 * ring, axis=1)
@@ -128,7 +138,9 @@ def make_zigzag(ring: int, scale: float, kv_chunk: int, fused: str | None = None
         acc = [None] * (2 * ring)
         for qi, ki, causal in schedule(ring):
             if fused is None:
-                blk = xla_block(qs[qi], ks[ki], vs[ki], causal, scale, qi * c, ki * c, kv_chunk)
+                blk = xla_block(
+                    qs[qi], ks[ki], vs[ki], causal, scale, qi * c, ki * c, kv_chunk, **kernel
+                )
             else:
                 blk = fused_block(qs[qi], ks[ki], vs[ki], causal, scale, fused)
             acc[qi] = _merge(acc[qi], blk)
@@ -160,7 +172,7 @@ def make_zigzag(ring: int, scale: float, kv_chunk: int, fused: str | None = None
             ones = jnp.ones((b, c), jnp.int32)
             g_q, g_k, g_v = block_backward(
                 qs[qi], ks[ki], vs[ki], dos[qi], lses[qi], deltas[qi], ones, ones, qp, kp,
-                causal=causal, scale=scale, kv_chunk=kv_chunk,
+                causal=causal, scale=scale, kv_chunk=kv_chunk, **kernel,
             )  # fmt: skip
             dq[qi], dk[ki], dv[ki] = dq[qi] + g_q, dk[ki] + g_k, dv[ki] + g_v
         cat = functools.partial(jnp.concatenate, axis=1)

@@ -21,6 +21,7 @@ ALLOWED = {
     "data": {"core", "config", "data"},
     "ckpt": {"core", "config", "parallel", "models", "ckpt"},
     "train": {"core", "config", "parallel", "models", "data", "ckpt", "train"},
+    "plan": {"core", "config", "parallel", "models", "data", "ckpt", "train", "plan"},
     "infer": {"core", "config", "parallel", "models", "data", "ckpt", "infer"},
     "eval": {"core", "config", "parallel", "models", "data", "ckpt", "infer", "eval"},
 }
@@ -74,6 +75,8 @@ def imports(module: str, modules: dict[str, Path] = MODULES) -> list[tuple[str, 
 
 def layer(module: str) -> str | None:
     parts = module.split(".")
+    if parts[-1] == "__main__":  # a package's CLI is the application layer (architecture.md)
+        return None
     return parts[1] if len(parts) > 2 or (len(parts) == 2 and parts[1] in ALLOWED) else None
 
 

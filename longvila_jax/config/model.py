@@ -7,18 +7,29 @@ and ``llm/config.json`` with little translation. Instances live in ``configs/mod
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass, field
 from typing import Literal
 
 from longvila_jax.config.base import ConfigError, check
+from longvila_jax.core.errors import brief
 
 DType = Literal["float32", "bfloat16", "float16"]
 ProjectorType = Literal[
     "mlp_downsample", "mlp_downsample_2x2_fix", "mlp_downsample_3x3_fix", "mlp2x_gelu", "linear"
 ]
+# Rematerialisation policy of the scanned layer stacks, by name (``models.layers.REMAT_POLICIES``
+# maps each to a ``jax.checkpoint`` policy; docs/architecture.md "Fast training step" says which
+# to use when). A stage may override the model's choice (``StageConfig.remat``).
 RematPolicy = Literal[
-    "none", "nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable", "everything"
+    "none",
+    "nothing_saveable",
+    "save_attention",
+    "dots_with_no_batch_dims_saveable",
+    "dots_saveable",
+    "everything",
 ]
+REMAT_NAMES: tuple[str, ...] = typing.get_args(RematPolicy)
 
 
 @dataclass(frozen=True)
@@ -170,6 +181,12 @@ class ModelConfig:
 
     def __post_init__(self):
         check(self.image_token_id >= 0, "image_token_id", "must be >= 0")
+        # YAML loads check the Literal; this also covers configs built in Python.
+        check(
+            self.remat in REMAT_NAMES,
+            "remat",
+            f"must be one of {list(REMAT_NAMES)}, got {brief(self.remat)}",
+        )
         if self.projector.type == "mlp_downsample_3x3_fix":
             # Intermediate width is 3 x mm_hidden_size in NVILA's projector.
             check(self.vision.hidden_size > 0, "vision.hidden_size", "must be positive")
@@ -186,6 +203,8 @@ __all__ = [
     "LLMConfig",
     "ModelConfig",
     "ProjectorConfig",
+    "REMAT_NAMES",
+    "RematPolicy",
     "RopeScaling",
     "VisionConfig",
 ]

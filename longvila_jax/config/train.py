@@ -26,7 +26,7 @@ from longvila_jax.config.base import (
     load_config,
 )
 from longvila_jax.config.data import DataConfig
-from longvila_jax.config.model import DType
+from longvila_jax.config.model import REMAT_NAMES, DType, RematPolicy
 from longvila_jax.core.errors import brief
 
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_\-]*$")
@@ -62,11 +62,23 @@ class OptimConfig:
     eps: float = 1e-8
     clip_norm: float | None = 1.0
     grad_accum: int = 1
+    # Peak LRs of the vision tower and the projector (upstream's ``vision_tower_lr`` /
+    # ``mm_projector_lr`` parameter groups, ``llava/train/llava_trainer.py``); null = ``lr``.
+    # They follow the same warmup and decay, scaled by their ratio to ``lr``.
+    vision_tower_lr: float | None = None
+    mm_projector_lr: float | None = None
 
     def __post_init__(self):
         check(
             math.isfinite(self.lr) and self.lr > 0, "lr", f"must be finite and > 0, got {self.lr}"
         )
+        for name in ("vision_tower_lr", "mm_projector_lr"):
+            value = getattr(self, name)
+            check(
+                value is None or (math.isfinite(value) and value >= 0),
+                name,
+                f"must be finite and >= 0 (0 freezes the module's updates) or null, got {value}",
+            )
         check(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
         check(0.0 <= self.warmup_ratio < 1.0, "warmup_ratio", "must lie in [0, 1)")
         check(
@@ -257,6 +269,10 @@ class StageConfig:
     # Loss + batch placement (``train.objective.OBJECTIVES``): "dense" (data parallel, dense
     # attention) or "mmsp" (frames sharded for the tower, 2D zigzag tokens for the LLM).
     objective: Literal["dense", "mmsp"] = "dense"
+    # Rematerialisation of the scanned layers (``models.layers.REMAT_POLICIES``), overriding the
+    # model config's ``remat`` (null: keep the model's, or the init checkpoint's). It changes
+    # memory and speed, never the numbers, so a run may resume with another (RESUME_MUTABLE).
+    remat: RematPolicy | None = None
 
     def __post_init__(self):
         check(bool(_NAME_RE.match(self.name)), "name", f"must match {_NAME_RE.pattern}")
@@ -282,6 +298,11 @@ class StageConfig:
         check(bool(self.mesh), "mesh", "must name a mesh YAML")
         check(self.max_consecutive_nonfinite >= 1, "max_consecutive_nonfinite", "must be >= 1")
         check(self.log_every >= 1, "log_every", "must be >= 1")
+        check(
+            self.remat is None or self.remat in REMAT_NAMES,
+            "remat",
+            f"must be one of {list(REMAT_NAMES)} or null, got {brief(self.remat)}",
+        )
 
 
 def load_stage(path: str | Path, overrides: tuple[str, ...] | list[str] = ()) -> StageConfig:

@@ -15,6 +15,11 @@ import jax.numpy as jnp
 # Finite stand-in for -inf: keeps exp/logsumexp NaN-free on rows with no visible key.
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
+# ``jax.ad_checkpoint.checkpoint_name`` of the attention output (the model tags it after every
+# ``AttentionFn`` call), kept by the ``save_attention`` remat policy (``models.layers``). Here in
+# the leaf so a kernel with a ``custom_vjp`` can give its own residuals (o, LSE) the same name.
+ATTENTION_OUT = "attention_out"
+
 
 class AttentionFn(Protocol):
     """Signature every attention kernel implements.

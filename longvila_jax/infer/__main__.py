@@ -102,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
             tokenizer,
             mesh=mesh,
             block_size=block_size,
+            block_kernel=mesh_cfg.block_kernel if mesh_cfg else "auto",
             template=args.template,
             release=release,
         )

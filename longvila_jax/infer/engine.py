@@ -63,6 +63,8 @@ class TokenGenerator:
       kv_chunk: KV tokens per inner step of the prefill ring kernel.
       bucket: prompt lengths are padded to a multiple of this (and of 2 * R * U * block_size).
       block_size: attention block granularity of the mesh (``MeshConfig.block_size``).
+      block_kernel: the prefill ring's block kernels (``MeshConfig.block_kernel``: "auto",
+        "xla" or "pallas").
       combine: "lse" (local attention + LSE merge) or "gather" (all-gather baseline).
       compiler_options: passed to ``jax.jit`` of the prefill, the decode step and the scorer.
 
@@ -80,6 +82,7 @@ class TokenGenerator:
         kv_chunk: int | None = 512,
         bucket: int = 64,
         block_size: int = 1,
+        block_kernel: str = "auto",
         combine: str = "lse",
         compiler_options: dict | None = None,
     ):
@@ -92,10 +95,16 @@ class TokenGenerator:
         )
         # One replicated copy of the parameters serves the scorer, the prefill and the decode.
         self.scorer = TeacherForcedScorer(
-            model, self.seq_mesh.mesh, kv_chunk=kv_chunk, compiler_options=compiler_options
+            model,
+            self.seq_mesh.mesh,
+            kv_chunk=kv_chunk,
+            block_kernel=block_kernel,
+            compiler_options=compiler_options,
         )
         graphdef, self.state = self.scorer.graphdef, self.scorer.state
-        attention = make_mmsp_attention(self.seq_mesh.mesh, kv_chunk=kv_chunk)
+        attention = make_mmsp_attention(
+            self.seq_mesh.mesh, kv_chunk=kv_chunk, block_kernel=block_kernel
+        )
         self._prefill = make_prefill(
             graphdef, attention, self.seq_mesh, compiler_options=compiler_options
         )

@@ -75,8 +75,8 @@ class Generator(TokenGenerator):
       release: the checkpoint's upstream settings (``infer.release.read_release_config``);
         when given, frames follow upstream's inference rule (``infer.frames``) with its
         ``num_video_frames`` / ``fps`` as defaults, and prompts keep the automatic BOS.
-      **engine: ``kv_chunk``, ``bucket``, ``block_size``, ``combine``, ``compiler_options`` of
-        :class:`~longvila_jax.infer.engine.TokenGenerator`.
+      **engine: ``kv_chunk``, ``bucket``, ``block_size``, ``block_kernel``, ``combine``,
+        ``compiler_options`` of :class:`~longvila_jax.infer.engine.TokenGenerator`.
     """
 
     def __init__(

@@ -113,13 +113,19 @@ def _logits_at(
 
 
 @functools.lru_cache(maxsize=16)
-def _jitted(graphdef, seq_mesh: SeqMesh | None, kv_chunk: int | None, compiler_options: tuple):
+def _jitted(
+    graphdef,
+    seq_mesh: SeqMesh | None,
+    kv_chunk: int | None,
+    block_kernel: str,
+    compiler_options: tuple,
+):
     """(encode, logits_at) jitted once per model structure, mesh and options, so that scorers
     built for new weights (or new runs) reuse the compiled executables."""
     if seq_mesh is None:
         attn, x_sharding = dense_attention, None
     else:
-        attn = make_mmsp_attention(seq_mesh.mesh, kv_chunk=kv_chunk)
+        attn = make_mmsp_attention(seq_mesh.mesh, kv_chunk=kv_chunk, block_kernel=block_kernel)
         x_sharding = seq_mesh.sharding("batch", "seq", None)
     options = dict(compiler_options) or None
     encode = jax.jit(functools.partial(_encode, graphdef), compiler_options=options)
@@ -139,6 +145,7 @@ class TeacherForcedScorer:
         runs on one device with dense attention.
       encode_batch: frames per vision-tower call (upstream V-NIAH uses 32).
       kv_chunk: inner KV chunk of the ring kernel (see ``make_mmsp_attention``).
+      block_kernel: the ring's block kernels, "auto", "xla" or "pallas" (``MeshConfig``).
       compiler_options: passed to ``jax.jit`` (tests lower XLA's optimisation level).
 
     Attributes:
@@ -153,6 +160,7 @@ class TeacherForcedScorer:
         *,
         encode_batch: int = 32,
         kv_chunk: int | None = 512,
+        block_kernel: str = "auto",
         compiler_options: dict | None = None,
     ):
         if encode_batch < 1:
@@ -170,7 +178,9 @@ class TeacherForcedScorer:
         # A multiple of the SP size so that every device encodes the same number of frames.
         self.encode_batch = -(-encode_batch // shards) * shards
         options = tuple(sorted((compiler_options or {}).items()))
-        self._encode_fn, self._logits_fn = _jitted(self.graphdef, self.seq_mesh, kv_chunk, options)
+        self._encode_fn, self._logits_fn = _jitted(
+            self.graphdef, self.seq_mesh, kv_chunk, block_kernel, options
+        )
 
     @property
     def tokens_per_frame(self) -> int:

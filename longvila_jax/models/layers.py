@@ -18,16 +18,28 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from longvila_jax.core.attention import ATTENTION_OUT
 from longvila_jax.core.axes import LAYERS, NORM
 
 Axes = tuple[str | None, ...]
 
-# cfg.remat -> jax.checkpoint policy; "none" disables rematerialisation entirely.
+# cfg.remat -> jax.checkpoint policy of the scanned layer body; "none" disables rematerialisation.
+# From least to most memory (docs/architecture.md, "Fast training step"):
+#   nothing_saveable: keep only each layer's input carry, recompute the whole layer in the
+#     backward (full remat: the long-context default, one extra forward);
+#   save_attention: also keep the tagged attention output (``core.attention.ATTENTION_OUT``):
+#     the dense reference then skips its P @ V matmul in the recomputation, but a custom_vjp
+#     kernel (the ring) reruns its forward for its residuals unless it names o and LSE so too;
+#   dots_with_no_batch_dims_saveable: keep every projection/MLP matmul output (weights-only
+#     dots), recompute the attention and elementwise ops;
+#   dots_saveable: keep every matmul output, the attention's score dots included;
+#   everything / none: keep all residuals (short sequences only).
 REMAT_POLICIES: dict[str, Callable[..., Any] | None] = {
     "none": None,
     "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
-    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "save_attention": jax.checkpoint_policies.save_only_these_names(ATTENTION_OUT),
     "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
     "everything": jax.checkpoint_policies.everything_saveable,
 }
 

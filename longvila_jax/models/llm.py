@@ -19,11 +19,18 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from longvila_jax.config.model import LLMConfig, ModelConfig
-from longvila_jax.core.attention import AttentionFn, dense_attention
+from longvila_jax.core.attention import ATTENTION_OUT, AttentionFn, dense_attention
 from longvila_jax.core.axes import EMBED, HEADS, KV_HEADS, MLP, VOCAB
-from longvila_jax.models.layers import Dense, Embed, RMSNorm, scan_layers, stack_layers
+from longvila_jax.models.layers import (
+    Dense,
+    Embed,
+    RMSNorm,
+    scan_layers,
+    stack_layers,
+)
 
 
 def rope_tables(
@@ -93,6 +100,8 @@ class Attention(nnx.Module):
             causal=True,
             scale=self.head_dim**-0.5,
         )
+        # Tagged so the ``save_attention`` remat policy keeps it (core.attention).
+        o = checkpoint_name(o, ATTENTION_OUT)
         return self.o_proj(o.reshape(b, t, -1))
 
 

@@ -16,10 +16,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from longvila_jax.config.base import ConfigError
 from longvila_jax.config.model import ModelConfig, VisionConfig
-from longvila_jax.core.attention import AttentionFn, dense_attention
+from longvila_jax.core.attention import ATTENTION_OUT, AttentionFn, dense_attention
 from longvila_jax.core.axes import (
     CONV,
     PATCHES,
@@ -27,7 +28,14 @@ from longvila_jax.core.axes import (
     VISION_HEADS,
     VISION_MLP,
 )
-from longvila_jax.models.layers import Dense, Embed, LayerNorm, gelu, scan_layers, stack_layers
+from longvila_jax.models.layers import (
+    Dense,
+    Embed,
+    LayerNorm,
+    gelu,
+    scan_layers,
+    stack_layers,
+)
 
 
 class PatchEmbedding(nnx.Module):
@@ -106,6 +114,8 @@ class SelfAttention(nnx.Module):
             causal=False,
             scale=self.head_dim**-0.5,
         )
+        # Tagged so the ``save_attention`` remat policy keeps it (core.attention).
+        o = checkpoint_name(o, ATTENTION_OUT)
         return self.out_proj(o.reshape(n, p, -1))
 
 

@@ -30,6 +30,7 @@ _EXPORTS = {
     "shift_labels": "layouts",
     "layout_batch": "layouts",
     "kv_replication": "ulysses",
+    "resolve_block_kernel": "block_kernel",
     "MMSPPlan": "mmsp",
 }
 

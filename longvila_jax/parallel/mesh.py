@@ -22,6 +22,8 @@ from jax.sharding import PartitionSpec as P
 
 from longvila_jax.config.base import check, load_config
 from longvila_jax.core import axes as ax
+from longvila_jax.core.errors import brief
+from longvila_jax.parallel.block_kernel import BLOCK_KERNELS, BlockKernel
 
 
 def _default_activation_rules() -> dict[str, tuple[str, ...]]:
@@ -44,6 +46,9 @@ class MeshConfig:
       data, fsdp, ring, ulysses: axis sizes; exactly one may be -1 (product fills the devices).
       block_size: attention block granularity; the sequence must be a multiple of
         2 * ring * ulysses * block_size.
+      block_kernel: the ring's attention block kernels: "xla", "pallas" (fused flash tiles,
+        Triton on a GPU, the interpreter elsewhere) or "auto" (pallas on a GPU backend, xla
+        elsewhere; ``block_kernel.resolve_block_kernel``).
       activation_rules / param_rules: logical axis -> mesh axes (empty = replicated); logical
         axes not listed are replicated.
     """
@@ -53,6 +58,7 @@ class MeshConfig:
     ring: int = 1
     ulysses: int = 1
     block_size: int = 1
+    block_kernel: BlockKernel = "auto"
     activation_rules: dict[str, tuple[str, ...]] = dataclasses.field(
         default_factory=_default_activation_rules
     )
@@ -67,6 +73,11 @@ class MeshConfig:
             check(size == -1 or size >= 1, name, f"must be >= 1 or -1 (fill), got {size}")
         check(len(fills) <= 1, fills[-1] if fills else "", f"only one axis may be -1, got {fills}")
         check(self.block_size >= 1, "block_size", f"must be >= 1, got {self.block_size}")
+        check(
+            self.block_kernel in BLOCK_KERNELS,
+            "block_kernel",
+            f"must be one of {BLOCK_KERNELS}, got {brief(self.block_kernel)}",
+        )
         for table in ("activation_rules", "param_rules"):
             rules = getattr(self, table)
             for logical, mesh_axes in rules.items():

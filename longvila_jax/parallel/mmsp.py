@@ -76,7 +76,8 @@ class MMSPPlan:
       ring_axis, ulysses_axis: the sequence axes (the ``seq`` rule must be (ring, ulysses)).
       grad_accum: micro-batches per global batch (leading axis of every device array).
       ce_chunk: tokens per CE chunk on a device (largest divisor of L / SP not above it).
-      kv_chunk: passed to ``make_mmsp_attention``.
+      kv_chunk, block_kernel: passed to ``make_mmsp_attention`` (``block_kernel`` is the mesh
+        file's ``MeshConfig.block_kernel``: "auto", "xla" or "pallas").
       shard: this process's data shard (default: from the mesh, ``host_shards.data_shard``);
         :meth:`host_arrays` and :meth:`to_device` take the shard's rows only.
     """
@@ -95,6 +96,7 @@ class MMSPPlan:
         grad_accum: int = 1,
         ce_chunk: int = 1024,
         kv_chunk: int | None = 512,
+        block_kernel: str = "auto",
         shard: DataShard | None = None,
     ):
         self.mesh = mesh
@@ -121,6 +123,7 @@ class MMSPPlan:
             ulysses_axis=ulysses_axis,
             batch_axes=self.batch_axes,
             kv_chunk=kv_chunk,
+            block_kernel=block_kernel,
         )
 
     # ----------------------------------------------------------------------------- host side

@@ -26,6 +26,11 @@ Branches with two sub-blocks (FULL, DIAG) run them one after the other (``_in_se
 no step holds more than one [c, c/2] scores buffer: XLA would otherwise overlap them, and the
 largest branch sets the temp memory of the whole program.
 
+The quarters are the XLA kernels' granularity. With the fused Pallas block kernels
+(``block_kernel="pallas"``, see ``block_kernel.py``) every step that is not SKIP runs the whole
+block in one kernel call: the kernels skip every tile without a visible pair from the same
+segment / position ranges, at a finer grain than quarters, and hold no score buffer in memory.
+
 Every array here is one device's block (the module runs inside ``jax.shard_map``): the entry
 point takes ``*_local`` arguments, the package's naming rule for shard_map bodies. Inside, the
 ``q*`` arrays (``qh``, ``q_segment_ids``...) are this rank's own queries, and ``kv`` /
@@ -46,11 +51,11 @@ import jax
 import jax.numpy as jnp
 
 from longvila_jax.core.attention import MASK_VALUE
+from longvila_jax.parallel.block_kernel import resolve_block_kernel
 from longvila_jax.parallel.ring_kernels import (
     block_backward,
     block_forward,
-    chunked_backward,
-    chunked_forward,
+    block_kernels,
     from_heads,
     heads_t,
     merge,
@@ -133,15 +138,18 @@ def _in_sequence(carry, *fns):
     return jax.lax.fori_loop(0, len(fns), lambda i, c: jax.lax.switch(i, fns, c), carry)
 
 
-def _switch(mode, block, start, half: int):
+def _switch(mode, block, start, half: int, whole_block: bool):
     """Runs the branch ``mode`` (SKIP / FULL / KV_FRONT / Q_BACK / DIAG) of one ring step.
 
     ``block(rows, cols)`` returns an ``accumulator -> accumulator`` update with the work of the
     local q rows ``rows`` against the kv rows ``cols`` (slices of the block); ``start`` is the
     accumulator the step begins from. Every branch keeps scores at most [c, c/2] (see
-    ``_in_sequence``).
+    ``_in_sequence``). With ``whole_block`` (Pallas kernels, which skip masked tiles
+    themselves) only SKIP is told apart; any other mode runs the whole block at once.
     """
     front, back, every = slice(None, half), slice(half, None), slice(None)
+    if whole_block:
+        return jax.lax.cond(mode == SKIP, lambda: start, lambda: block(every, every)(start))
     branches = (
         lambda: start,  # SKIP
         lambda: _in_sequence(start, block(every, front), block(every, back)),  # FULL
@@ -152,12 +160,17 @@ def _switch(mode, block, start, half: int):
     return jax.lax.switch(mode, branches)
 
 
-def _fwd_step(qh, kv, q_segment_ids, q_positions, kv_meta, o, lse, causal, scale, kv_chunk):
+def _fwd_step(
+    qh, kv, q_segment_ids, q_positions, kv_meta, o, lse, causal, scale, kv_chunk, block_kernel
+):
     """One forward step: merges this kv block into the rows it reaches of the local fp32
-    accumulators o [b, hkv, g, c, d] and lse [b, hkv, g, c]; returns them."""
+    accumulators o [b, hkv, g, c, d] and lse [b, hkv, g, c]; returns them. ``block_kernel``
+    picks the block kernel (``ring_kernels.block_kernels``: XLA or fused Pallas)."""
     kh, vh = kv[0], kv[1]
     kv_segment_ids, kv_positions = kv_meta[0], kv_meta[1]
-    kernel = functools.partial(chunked_forward, causal=causal, scale=scale, kv_chunk=kv_chunk)
+    block_kernel = resolve_block_kernel(block_kernel)
+    forward, _ = block_kernels(block_kernel)
+    kernel = functools.partial(forward, causal=causal, scale=scale, kv_chunk=kv_chunk)
 
     def block(rows, cols):
         def update(accumulator):
@@ -173,7 +186,7 @@ def _fwd_step(qh, kv, q_segment_ids, q_positions, kv_meta, o, lse, causal, scale
         return update
 
     mode = select_mode(q_segment_ids, q_positions, kv_segment_ids, kv_positions, causal)
-    return _switch(mode, block, (o, lse), qh.shape[3] // 2)
+    return _switch(mode, block, (o, lse), qh.shape[3] // 2, block_kernel == "pallas")
 
 
 def _shift(x, axis_name: str, ring_size: int):
@@ -182,8 +195,9 @@ def _shift(x, axis_name: str, ring_size: int):
 
 
 def _ring_forward(
-    q, k, v, segment_ids, positions, axis_name, ring_size, causal, scale, unroll, kv_chunk
-):
+    q, k, v, segment_ids, positions, axis_name, ring_size, causal, scale, unroll, kv_chunk,
+    block_kernel,
+):  # fmt: skip
     """Returns o [b, c, h, d] in q's dtype and the final lse [b, hkv, g, c] fp32."""
     hkv = k.shape[2]
     qh = to_heads(q, hkv)
@@ -198,7 +212,9 @@ def _ring_forward(
             next_kv = (_shift(kv, axis_name, ring_size), _shift(kv_meta, axis_name, ring_size))
         else:
             next_kv = (kv, kv_meta)
-        o, lse = _fwd_step(qh, kv, segment_ids, positions, kv_meta, o, lse, causal, scale, kv_chunk)
+        o, lse = _fwd_step(
+            qh, kv, segment_ids, positions, kv_meta, o, lse, causal, scale, kv_chunk, block_kernel
+        )
         return next_kv[0], next_kv[1], o, lse
 
     if ring_size > 1:  # steps 0..R-2 send the next block; the last step sends nothing
@@ -213,7 +229,9 @@ def _ring_forward(
     return from_heads(o).astype(q.dtype), lse
 
 
-def _bwd_step(q_side, kv, q_segment_ids, q_positions, kv_meta, dqT, causal, scale, kv_chunk):
+def _bwd_step(
+    q_side, kv, q_segment_ids, q_positions, kv_meta, dqT, causal, scale, kv_chunk, block_kernel
+):
     """One backward step. ``q_side`` = (qh, qT, doh, doT, lse, delta) of the local queries. Adds
     this kv block's dQ^T into the rows it reaches of ``dqT`` [b, hkv, d, g, c] and returns it
     with the block's own fp32 dK/dV [2, b, hkv, c, d] (zero where not reached), kept apart from
@@ -221,7 +239,9 @@ def _bwd_step(q_side, kv, q_segment_ids, q_positions, kv_meta, dqT, causal, scal
     qh, qT, doh, doT, lse, delta = q_side
     kh, vh = kv[0], kv[1]
     kv_segment_ids, kv_positions = kv_meta[0], kv_meta[1]
-    kernel = functools.partial(chunked_backward, causal=causal, scale=scale, kv_chunk=kv_chunk)
+    block_kernel = resolve_block_kernel(block_kernel)
+    _, backward = block_kernels(block_kernel)
+    kernel = functools.partial(backward, causal=causal, scale=scale, kv_chunk=kv_chunk)
 
     def block(rows, cols):
         def update(accumulator):
@@ -239,10 +259,12 @@ def _bwd_step(q_side, kv, q_segment_ids, q_positions, kv_meta, dqT, causal, scal
 
     zeros = varying(varying(jnp.zeros(kv.shape, jnp.float32), kv), qh)
     mode = select_mode(q_segment_ids, q_positions, kv_segment_ids, kv_positions, causal)
-    return _switch(mode, block, (dqT, zeros), qh.shape[3] // 2)
+    return _switch(mode, block, (dqT, zeros), qh.shape[3] // 2, block_kernel == "pallas")
 
 
-def _ring_backward(residuals, d_out, axis_name, ring_size, causal, scale, unroll, kv_chunk):
+def _ring_backward(
+    residuals, d_out, axis_name, ring_size, causal, scale, unroll, kv_chunk, block_kernel
+):
     q, k, v, segment_ids, positions, out, lse = residuals
     hkv = k.shape[2]
     qh, doh = to_heads(q, hkv), to_heads(d_out.astype(q.dtype), hkv)
@@ -264,7 +286,7 @@ def _ring_backward(residuals, d_out, axis_name, ring_size, causal, scale, unroll
         )
         dkv_in = _shift(dkv_acc, axis_name, ring_size) if recv_acc else None
         dqT, dkv_block = _bwd_step(
-            q_side, kv, segment_ids, positions, kv_meta, dqT, causal, scale, kv_chunk
+            q_side, kv, segment_ids, positions, kv_meta, dqT, causal, scale, kv_chunk, block_kernel
         )
         dkv_acc = dkv_block if dkv_in is None else dkv_in + dkv_block
         return next_kv[0], next_kv[1], dqT, dkv_acc
@@ -289,7 +311,7 @@ def _ring_backward(residuals, d_out, axis_name, ring_size, causal, scale, unroll
     return dq, dk, dkv_acc[1].transpose(0, 2, 1, 3).astype(v.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9, 10))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9, 10, 11))
 def ring_attention_local(
     q_local: jax.Array,
     k_local: jax.Array,
@@ -302,6 +324,7 @@ def ring_attention_local(
     scale: float,
     unroll: int = 1,
     kv_chunk: int | None = None,
+    block_kernel: str = "xla",
 ) -> jax.Array:
     """Ring attention on per-device blocks; call inside ``jax.shard_map`` over ``axis_name``.
 
@@ -313,30 +336,36 @@ def ring_attention_local(
       axis_name: the ring mesh axis; ring_size: its size (static).
       causal, scale: as ``AttentionFn``; unroll: ``lax.scan`` unroll of the ring loop.
       kv_chunk: KV tokens per inner flash step inside a ring step (None: each sub-block at
-        once); the scores buffer is at most [b, h, c, min(kv_chunk, c/2)].
+        once); the scores buffer is at most [b, h, c, min(kv_chunk, c/2)]. With Pallas it caps
+        the KV tile instead (``pallas_blocks.fit_tile``).
+      block_kernel: "xla", "pallas" or "auto": the block kernels of every ring step
+        (``ring_kernels.block_kernels``; "auto" is pallas on a GPU backend, xla elsewhere).
+        Pallas' interpreter (off a GPU) needs the enclosing shard_map's ``check_vma=False``
+        (``attention.make_mmsp_attention`` sets it).
 
     Returns:
       [b, c, h, d] in q's dtype; rows with no visible key are 0.
     """
     out, _ = _ring_forward(
         q_local, k_local, v_local, segment_ids_local, positions_local,
-        axis_name, ring_size, causal, scale, unroll, kv_chunk,
+        axis_name, ring_size, causal, scale, unroll, kv_chunk, block_kernel,
     )  # fmt: skip
     return out
 
 
 def _vjp_fwd(q_local, k_local, v_local, segment_ids_local, positions_local,
-             axis_name, ring_size, causal, scale, unroll, kv_chunk):  # fmt: skip
+             axis_name, ring_size, causal, scale, unroll, kv_chunk, block_kernel):  # fmt: skip
     out, lse = _ring_forward(
         q_local, k_local, v_local, segment_ids_local, positions_local,
-        axis_name, ring_size, causal, scale, unroll, kv_chunk,
+        axis_name, ring_size, causal, scale, unroll, kv_chunk, block_kernel,
     )  # fmt: skip
     return out, (q_local, k_local, v_local, segment_ids_local, positions_local, out, lse)
 
 
-def _vjp_bwd(axis_name, ring_size, causal, scale, unroll, kv_chunk, residuals, d_out):
+def _vjp_bwd(axis_name, ring_size, causal, scale, unroll, kv_chunk, block_kernel, residuals,
+             d_out):  # fmt: skip
     dq, dk, dv = _ring_backward(
-        residuals, d_out, axis_name, ring_size, causal, scale, unroll, kv_chunk
+        residuals, d_out, axis_name, ring_size, causal, scale, unroll, kv_chunk, block_kernel
     )
     return dq, dk, dv, None, None
 

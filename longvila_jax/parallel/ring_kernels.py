@@ -18,6 +18,10 @@ multiplies the scores inside the elementwise fusion; the backward kernels return
 
 ``block_forward`` / ``block_backward`` are the natural-layout ([b, t, h, d]) entry points (the
 decode path and the GPU bench use them); the ring uses the ``*_heads`` kernels directly.
+
+``chunked_forward`` / ``chunked_backward`` are the XLA block kernels; ``pallas_blocks`` /
+``pallas_backward`` implement the same contract as fused Pallas kernels, and ``block_kernels``
+picks one pair from a ``block_kernel`` setting (``block_kernel.resolve_block_kernel``).
 """
 
 from __future__ import annotations
@@ -28,6 +32,9 @@ import jax
 import jax.numpy as jnp
 
 from longvila_jax.core.attention import MASK_VALUE
+from longvila_jax.parallel.block_kernel import interpret_pallas, resolve_block_kernel
+from longvila_jax.parallel.pallas_backward import pallas_backward
+from longvila_jax.parallel.pallas_blocks import pallas_forward
 
 
 def varying(x: jax.Array, ref: jax.Array) -> jax.Array:
@@ -207,6 +214,26 @@ def chunked_backward(qh, qT, doh, doT, lse, delta, kh, vh,
     return dqT, unchunk(dk), unchunk(dv)
 
 
+def block_kernels(block_kernel: str = "xla", interpret: bool | None = None):
+    """The (forward, backward) heads-major block kernels of a ``block_kernel`` setting.
+
+    Args:
+      block_kernel: "auto", "xla" or "pallas" (``block_kernel.resolve_block_kernel``).
+      interpret: for Pallas, run in the interpreter (default: when the backend is not a GPU).
+
+    Returns:
+      ``(chunked_forward, chunked_backward)`` or their Pallas equivalents; both pairs take the
+      same arguments and return the same layouts and dtypes.
+    """
+    if resolve_block_kernel(block_kernel) == "xla":
+        return chunked_forward, chunked_backward
+    interpret = interpret_pallas(interpret)
+    return (
+        functools.partial(pallas_forward, interpret=interpret),
+        functools.partial(pallas_backward, interpret=interpret),
+    )
+
+
 def safe_lse(lse: jax.Array) -> jax.Array:
     """Rows without a visible key carry lse ~ MASK_VALUE; a huge positive stand-in makes their
     (fully masked) probabilities exactly 0 in the backward, with no second mask pass."""
@@ -214,13 +241,15 @@ def safe_lse(lse: jax.Array) -> jax.Array:
 
 
 def block_forward(q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions, *,
-                  causal, scale, kv_chunk=None):  # fmt: skip
+                  causal, scale, kv_chunk=None, block_kernel="xla", interpret=None):  # fmt: skip
     """One attention block in the natural layout, flash-style over KV chunks.
 
     Args:
       q: [b, tq, h, d]; k, v: [b, tk, hkv, d]; q_segment_ids, q_positions: [b, tq];
         kv_segment_ids, kv_positions: [b, tk].
       kv_chunk: KV tokens per inner step (scores buffer [b, h, tq, kv_chunk]); None = one step.
+      block_kernel: "xla", "pallas" or "auto" (``block_kernels``); interpret: for Pallas, run
+        in the interpreter (default: when the backend is not a GPU).
 
     Returns:
       o: [b, tq, h, d] fp32 normalised block output; lse: [b, h, tq] fp32 (very negative on rows
@@ -228,7 +257,8 @@ def block_forward(q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positi
     """
     hkv = k.shape[2]
     kh, vh = (to_heads(x, hkv)[:, :, 0] for x in (k, v))
-    o, lse = chunked_forward(
+    forward, _ = block_kernels(block_kernel, interpret)
+    o, lse = forward(
         to_heads(q, hkv), kh, vh, q_segment_ids, kv_segment_ids, q_positions, kv_positions,
         causal=causal, scale=scale, kv_chunk=kv_chunk,
     )  # fmt: skip
@@ -236,12 +266,14 @@ def block_forward(q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positi
 
 
 def block_backward(q, k, v, do, lse, delta, q_segment_ids, kv_segment_ids, q_positions,
-                   kv_positions, *, causal, scale, kv_chunk=None):  # fmt: skip
+                   kv_positions, *, causal, scale, kv_chunk=None, block_kernel="xla",
+                   interpret=None):  # fmt: skip
     """Recomputes one natural-layout block and returns its fp32 gradient contributions.
 
     Args:
       q, do: [b, tq, h, d]; k, v: [b, tk, hkv, d]; lse, delta: [b, h, tq] fp32 (final LSE and
-        rowsum(dO * O)); segment ids / positions and kv_chunk as in ``block_forward``.
+        rowsum(dO * O)); segment ids / positions, kv_chunk, block_kernel and interpret as in
+        ``block_forward``.
 
     Returns:
       dq: [b, tq, h, d], dk, dv: [b, tk, hkv, d], all fp32.
@@ -251,7 +283,8 @@ def block_backward(q, k, v, do, lse, delta, q_segment_ids, kv_segment_ids, q_pos
     qh, doh = to_heads(q, hkv), to_heads(do, hkv)
     kh, vh = (to_heads(x, hkv)[:, :, 0] for x in (k, v))
     by_kv_head = lambda x: x.reshape(b, hkv, h // hkv, tq)  # noqa: E731  [b, h, tq] -> heads-major
-    dqT, dk, dv = chunked_backward(
+    _, backward = block_kernels(block_kernel, interpret)
+    dqT, dk, dv = backward(
         qh, heads_t(qh), doh, heads_t(doh), safe_lse(by_kv_head(lse)), by_kv_head(delta),
         kh, vh, q_segment_ids, kv_segment_ids, q_positions, kv_positions,
         causal=causal, scale=scale, kv_chunk=kv_chunk,

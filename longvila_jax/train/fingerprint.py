@@ -19,7 +19,8 @@ from longvila_jax.config.train import StageConfig
 from longvila_jax.train.resolve import ResolvedStage
 
 # Stage fields a run may change when it resumes. They only affect logging, export, how (not
-# what) it checkpoints, and where the run directory lives (it may be moved). Everything else
+# what) it checkpoints, where the run directory lives (it may be moved), and what the backward
+# recomputes. Everything else
 # must match the checkpoint. ``steps`` is not here: the cosine LR schedule spans ``steps``, so
 # extending it would change the LR of steps already taken.
 RESUME_MUTABLE = (
@@ -30,14 +31,22 @@ RESUME_MUTABLE = (
     "run_dir",
     "upstream",  # the upstream figures a stage is checked against, not what it trains
     "data.inline.fail_fast",  # debugging switch: it only stops a run, never changes its rows
+    # Rematerialisation trades memory for recomputation; every policy computes the same loss
+    # and gradients (tests/models/test_remat_policies.py), so a resume may switch it (e.g. to
+    # fit a longer row after an OOM).
+    "remat",
 )
+
+# The same choice as it lands in the resolved model config (``resolve.model_overrides``), and
+# the model YAML's own ``remat``: dropped from both fingerprints like the fields above.
+_RESOLVED_FREE = ("resolved.model.remat",)
 
 
 def _drop_mutable(d: Any) -> Any:
     if not isinstance(d, dict):
         return d
     d = copy.deepcopy(d)
-    for dotted in RESUME_MUTABLE:
+    for dotted in (*RESUME_MUTABLE, *_RESOLVED_FREE):
         *parents, leaf = dotted.split(".")
         node = d
         for k in parents:

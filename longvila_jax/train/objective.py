@@ -197,6 +197,8 @@ class MMSPObjective(MMSPPlan):
             image_token_id=image_token_id,
             batch_axes=tuple(rules.get("batch", ())),
             grad_accum=resolved.stage.optim.grad_accum,
+            # The mesh file picks the ring's block kernels ("auto": Pallas on a GPU, XLA else).
+            block_kernel=resolved.mesh.block_kernel,
         )
 
 

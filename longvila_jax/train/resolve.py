@@ -54,12 +54,20 @@ class ResolvedStage:
     data_shards: int = 1
 
 
+def model_overrides(stage: StageConfig) -> tuple[str, ...]:
+    """Dotted ``ModelConfig`` overrides a stage applies to its model, whether the model comes
+    from the YAML or from the init checkpoint: ``model_set``, the RoPE change, and the stage's
+    ``remat`` (last, so it wins over a ``remat=`` in ``model_set``)."""
+    rope = stage.rope.overrides() if stage.rope else ()
+    remat = (f"remat={stage.remat}",) if stage.remat is not None else ()
+    return (*stage.model_set, *rope, *remat)
+
+
 def model_config(stage: StageConfig) -> ModelConfig:
-    """The stage's model YAML with ``model_set`` and the RoPE change applied."""
-    extra = stage.rope.overrides() if stage.rope else ()
+    """The stage's model YAML with :func:`model_overrides` applied."""
     base = load_yaml(stage.model, "model")
     try:
-        return apply_overrides(ModelConfig, base, (*stage.model_set, *extra))
+        return apply_overrides(ModelConfig, base, model_overrides(stage))
     except ConfigError as e:
         raise e.under("model_set") if e.field else ConfigError("model", e.message) from None
 
@@ -245,6 +253,7 @@ __all__ = [
     "data_config",
     "match_paths",
     "model_config",
+    "model_overrides",
     "planned_devices",
     "resolve_stage",
 ]

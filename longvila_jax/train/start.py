@@ -36,7 +36,7 @@ from longvila_jax.config.train import StageConfig
 from longvila_jax.models.vlm import LongVILA
 from longvila_jax.train.finish import FINAL_DIR, barrier
 from longvila_jax.train.precision import DtypePolicy, forward_config
-from longvila_jax.train.resolve import ResolvedStage
+from longvila_jax.train.resolve import ResolvedStage, model_overrides
 from longvila_jax.train.state import (
     ModelTemplate,
     abstract_param_paths,
@@ -117,7 +117,8 @@ def prepare_init(resolved: ResolvedStage, run_dir: Path, primary: bool) -> Path 
 
 
 def runtime_model(resolved: ResolvedStage, init_ckpt: Path | None) -> ModelConfig:
-    """The model actually trained: the checkpoint's config + ``model_set`` + RoPE changes.
+    """The model actually trained: the checkpoint's config + ``model_set``, RoPE changes and the
+    stage's ``remat`` (``resolve.model_overrides``).
 
     Raises:
       ConfigError: the checkpoint's parameter tree differs from the stage's model YAML.
@@ -125,8 +126,7 @@ def runtime_model(resolved: ResolvedStage, init_ckpt: Path | None) -> ModelConfi
     if init_ckpt is None:
         return resolved.model
     stage = resolved.stage
-    rope_overrides = stage.rope.overrides() if stage.rope else ()
-    cfg = orbax_io.read_model_config(init_ckpt, (*stage.model_set, *rope_overrides))
+    cfg = orbax_io.read_model_config(init_ckpt, model_overrides(stage))
     stored = abstract_param_paths(cfg, with_shapes=True)
     wanted = abstract_param_paths(resolved.model, with_shapes=True)
     if stored != wanted:

@@ -80,6 +80,7 @@ def test_bookkeeping_fields_may_change_on_resume(corpus, tmp_path):
         "run_dir",
         "data.inline.fail_fast",
         "upstream",
+        "remat",
     }
     check_resume_config(stage_fingerprint(base), stage_fingerprint(changed), Path("run"), 4)
     # A checkpoint written before DataConfig had ``fail_fast`` (the key absent) resumes too.
