@@ -7,6 +7,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/venv.sh
 ensure_venv test
+# Headless Chromium for the serving UI test (tests/serve); without it that one test skips.
+bash scripts/install_browser.sh || true
 .venv/bin/ruff check longvila_jax tests bench scripts
 .venv/bin/ruff format --check longvila_jax tests bench scripts
 exec .venv/bin/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder "$@"

@@ -24,6 +24,7 @@ ALLOWED = {
     "plan": {"core", "config", "parallel", "models", "data", "ckpt", "train", "plan"},
     "infer": {"core", "config", "parallel", "models", "data", "ckpt", "infer"},
     "eval": {"core", "config", "parallel", "models", "data", "ckpt", "infer", "eval"},
+    "serve": {"core", "config", "parallel", "models", "data", "ckpt", "infer", "serve"},
 }
 
 

@@ -20,6 +20,7 @@ import struct
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -29,6 +30,7 @@ from longvila_jax.data.skips import SampleSkipped
 from longvila_jax.data.video import decode_video
 
 _LEN = struct.Struct("<Q")
+CHILD_MODULE = "longvila_jax.data.sandbox"  # the default child: this module's _main
 
 
 def _write_msg(f: BinaryIO, payload: bytes) -> None:
@@ -47,8 +49,9 @@ def _read_exact(f: BinaryIO, n: int) -> bytes | None:
     return bytes(buf)
 
 
-def serve(inp: BinaryIO, out: BinaryIO) -> None:
-    """Child loop: decode requests until stdin closes."""
+def serve(inp: BinaryIO, out: BinaryIO, decode: Callable[..., np.ndarray] = decode_video) -> None:
+    """Child loop: decode requests until stdin closes (``decode(**request)`` per request; a
+    child module may pass its own, e.g. the server's frame rules in ``serve.decode_child``)."""
     _write_msg(out, b"ready")  # imports done: the parent starts the request clock after this
     while True:
         head = _read_exact(inp, _LEN.size)
@@ -57,7 +60,7 @@ def serve(inp: BinaryIO, out: BinaryIO) -> None:
         req = json.loads(_read_exact(inp, _LEN.unpack(head)[0]) or b"{}")
         data = b""
         try:
-            frames = decode_video(**req)
+            frames = decode(**req)
             reply: dict[str, Any] = {"ok": True, "shape": list(frames.shape)}
             data = frames.tobytes()
         except SampleSkipped as e:
@@ -80,19 +83,30 @@ class DecodeSandbox:
       timeout_s: seconds one request may take.
       startup_timeout_s: seconds a new child may take to import its modules (not counted in
         ``timeout_s``, so a loaded machine does not turn start-up into decode timeouts).
+      module: the child's module (``python -m module``), which must run :func:`serve` on its
+        stdin/stdout as :func:`_main` does; default this one (``video.decode_video``).
     """
 
-    def __init__(self, timeout_s: float, startup_timeout_s: float = 120.0):
+    def __init__(
+        self, timeout_s: float, startup_timeout_s: float = 120.0, module: str = CHILD_MODULE
+    ):
         self.timeout_s = timeout_s
         self.startup_timeout_s = startup_timeout_s
+        self.module = module
         self._proc: subprocess.Popen | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         # Pickled into grain worker processes: each worker starts its own child.
-        return {"timeout_s": self.timeout_s, "startup_timeout_s": self.startup_timeout_s}
+        return {
+            "timeout_s": self.timeout_s,
+            "startup_timeout_s": self.startup_timeout_s,
+            "module": self.module,
+        }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["timeout_s"], state["startup_timeout_s"])
+        self.__init__(
+            state["timeout_s"], state["startup_timeout_s"], state.get("module", CHILD_MODULE)
+        )
 
     @property
     def pid(self) -> int | None:
@@ -103,7 +117,7 @@ class DecodeSandbox:
         pkg_root = str(Path(__file__).resolve().parents[2])
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [pkg_root, env.get("PYTHONPATH")]))
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "longvila_jax.data.sandbox"],
+            [sys.executable, "-m", self.module],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             env=env,
@@ -192,11 +206,11 @@ class DecodeSandbox:
         return np.frombuffer(data, dtype=np.uint8).reshape(reply["shape"])
 
 
-def _main() -> None:
+def _main(decode: Callable[..., np.ndarray] = decode_video) -> None:
     # The protocol owns the original stdout; anything else printed goes to stderr.
     proto_out = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)
-    serve(sys.stdin.buffer, proto_out)
+    serve(sys.stdin.buffer, proto_out, decode)
 
 
 if __name__ == "__main__":

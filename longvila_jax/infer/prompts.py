@@ -15,7 +15,7 @@ upstream inference picks it (the top-level config's ``chat_template`` name, else
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
@@ -54,6 +54,7 @@ def prompt_ids(
     template: str | ChatFormat,
     image_token_id: int,
     newline_after_frame: bool = True,
+    history: Sequence[dict[str, str]] = (),
 ) -> np.ndarray:
     """Token ids of ``[pre-prompt | num_frames placeholders | question | assistant header]``.
 
@@ -68,6 +69,9 @@ def prompt_ids(
         it when they differ.
       newline_after_frame: ``"<image>\\n"`` per frame (our training) or bare ``<image>``
         (upstream V-NIAH).
+      history: earlier text-only turns before the question (``{"role", "content"}`` with
+        ``system`` / ``user`` / ``assistant`` roles, as the template renders them; their
+        ``<image>`` / ``<video>`` tags are removed). Default none: the one-turn prompt.
 
     Returns:
       int32 [T] with exactly ``num_frames`` entries equal to ``image_token_id``.
@@ -80,8 +84,9 @@ def prompt_ids(
     separator = "\n" if newline_after_frame else ""
     # media_prompt(question, 0) is the question with its media tags removed.
     content = (IMAGE_TOKEN + separator) * num_frames + media_prompt(question, 0)
+    earlier = [{"role": m["role"], "content": media_prompt(m["content"], 0)} for m in history]
     text = tokenizer.apply_chat_template(
-        [{"role": "user", "content": content}],
+        [*earlier, {"role": "user", "content": content}],
         chat_template=fmt.template,
         tokenize=False,
         add_generation_prompt=True,
