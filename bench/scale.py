@@ -144,6 +144,7 @@ def megatron(model, n, seq_len, remat, cluster) -> dict:
         trainable=params.trainable / tp, frozen=0, total_params=params.total / tp,
         frozen_bytes=2, compute_bytes=e, fsdp=cp, ring=cp, ulysses=tp, rows=1,
         seq_len=seq_len, frames=work.frames, grad_accum=1, remat=remat, block_kernel="pallas",
+        whole_trainable=params.whole_trainable,
     ))  # fmt: skip
     step = t_mm + t_attn + t_tp + t_ring
     return {

@@ -79,6 +79,7 @@ def model_bytes(
         trainable=params.trainable, frozen=params.frozen, total_params=params.total,
         frozen_bytes=2, compute_bytes=2, fsdp=c.param_shards, ring=c.ring, ulysses=c.ulysses,
         rows=1, seq_len=seq, frames=frames, grad_accum=1, remat=c.remat, block_kernel=kernel,
+        whole_trainable=params.whole_trainable,
     )  # fmt: skip
     return memory_breakdown(model, inputs)["total"]
 

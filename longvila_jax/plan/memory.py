@@ -40,6 +40,13 @@ reuses one phase's memory for the other), so the total is arguments + max(update
                 R >= 2), which XLA:CPU keeps alive across the loop; a fused Pallas kernel on a
                 GPU keeps only tiles (0).
   - logits      the chunked cross-entropy: ``LOGIT_COPIES`` * [b, ce_chunk, V] fp32.
+  - whole grads with parameters sharded, the trainable parameters that no rule splits (a
+                dimension the shard count does not divide) get whole fp32 gradients:
+                ``WHOLE_GRAD_COPIES`` * P_whole * 4 (the gradient and its all-reduce buffer)
+                while the sharded ones are reduce-scattered layer by layer. The 256-device
+                witness of ``bench/scale_witness.py`` showed it (SigLIP's 415M parameters
+                whole on every device: 3.1 GiB); without parameter sharding the update
+                phase's copies cover the gradients (the 8-device fit).
 
 The coefficients in capitals are fitted once to the compiled step at tiny dims (the structure
 is fixed by the step; ``tests/plan/test_memory_model.py`` checks held-out shapes).
@@ -62,6 +69,9 @@ FULL_LAYERS = 1.1
 SCORE_BUFFERS = 5.9
 RING_STEP_BUFFERS = 6.1
 LOGIT_COPIES = 12.0
+# Whole fp32 gradients of unsplit trainable parameters under parameter sharding: the
+# 256-device Qwen2-7B witness's constant (3.11 GiB = 2.01 x 4 B x 414.6M; bench/RESULTS.md).
+WHOLE_GRAD_COPIES = 2.0
 CE_CHUNK = 1024
 KV_CHUNK = 512
 
@@ -110,6 +120,7 @@ class MemoryInputs:
       rows: rows per device group per micro-batch (b).
       seq_len, frames: per row; grad_accum: micro-batches A; remat: policy name.
       block_kernel: "xla" (score temporaries) or "pallas" (tiles only).
+      whole_trainable: trainable elements no rule splits (part of ``trainable``).
     """
 
     trainable: float
@@ -126,6 +137,7 @@ class MemoryInputs:
     grad_accum: int
     remat: str
     block_kernel: str = "xla"
+    whole_trainable: float = 0.0
 
 
 def memory_breakdown(model: ModelConfig, m: MemoryInputs) -> dict[str, float]:
@@ -191,7 +203,10 @@ def memory_breakdown(model: ModelConfig, m: MemoryInputs) -> dict[str, float]:
     out["logits"] = (
         LOGIT_COPIES * 4 * m.rows * min(CE_CHUNK, tokens / max(m.rows, 1)) * c.vocab_size
     )
-    backward = out["gathered"] + out["activations"] + out["attention"] + out["logits"]
+    out["whole_grads"] = WHOLE_GRAD_COPIES * 4 * m.whole_trainable if m.fsdp > 1 else 0.0
+    backward = sum(
+        out[k] for k in ("gathered", "activations", "attention", "logits", "whole_grads")
+    )
     arguments = out["params"] + out["optimizer"] + out["batch"]
     out["total"] = arguments + max(out["gradients"], backward)
     return out

@@ -193,6 +193,7 @@ def predict(
             grad_accum=accum,
             remat=c.remat,
             block_kernel=block_kernel,
+            whole_trainable=params.whole_trainable,
         ),
     )
     if mem["total"] > cluster.budget_bytes:

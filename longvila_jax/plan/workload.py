@@ -32,12 +32,15 @@ class ParamCounts:
     Attributes:
       trainable, frozen: held by one device (after the mesh's ``param_rules`` shard them).
       total, trainable_total: unsharded.
+      whole_trainable: the part of ``trainable`` that no rule splits (every device holds it
+        whole, e.g. SigLIP's 1152-wide tensors over 256 devices).
     """
 
     trainable: float
     frozen: float
     total: float
     trainable_total: float
+    whole_trainable: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -172,7 +175,9 @@ def _param_counts(work: Workload, key: tuple[int, ...], rules: tuple) -> ParamCo
         work.policy.frozen
     )
     total = sum(math.prod(s.shape) for s in template.shapes.values())
-    return ParamCounts(moving, frozen, total, report["trainable_params"])
+    return ParamCounts(
+        moving, frozen, total, report["trainable_params"], report["whole_trainable_params"]
+    )
 
 
 def _width(dtype: str) -> int:

@@ -113,12 +113,15 @@ def param_bytes(resolved: ResolvedStage, policy: DtypePolicy) -> dict[str, Any]:
     width = {k: np.dtype(getattr(policy, k)).itemsize for k in ("params", "frozen")}
     counts = {"trainable": 0, "frozen": 0, "lora": 0}
     per_device = {"trainable": 0, "frozen": 0, "lora": 0}
+    whole = 0  # trainable elements no rule splits (a dimension that does not divide the mesh)
     for name in template.names:
         shape = template.shapes[name].shape
         local = math.prod(shardings[name].shard_shape(shape))
         part = "trainable" if name in trainable else "frozen"
         counts[part] += math.prod(shape)
         per_device[part] += local
+        if part == "trainable" and local == math.prod(shape):
+            whole += local
     if resolved.stage.lora is not None:
         rank = resolved.stage.lora.rank
         for name in resolved.lora_paths:
@@ -132,6 +135,7 @@ def param_bytes(resolved: ResolvedStage, policy: DtypePolicy) -> dict[str, Any]:
         "trainable_params": counts["trainable"] + counts["lora"],
         "lora_params": counts["lora"],
         "frozen_params": counts["frozen"],
+        "whole_trainable_params": whole,
         "bytes_per_device": {"params": params, "optimizer": optimizer, "total": params + optimizer},
     }
 
