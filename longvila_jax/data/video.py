@@ -286,8 +286,11 @@ def write_video(
         s = c.add_stream(codec, rate=fps)
         s.width, s.height, s.pix_fmt = w, h, "yuv420p"
         s.gop_size = gop
+        # One encoder thread: x264's frame threads made the bytes depend on scheduling (the
+        # corpus determinism test failed under load), and the demo's data must be reproducible.
+        s.codec_context.thread_count = 1
         if codec == "libx264":
-            s.options = {"crf": "12", "g": str(gop), "preset": "veryfast"}
+            s.options = {"crf": "12", "g": str(gop), "preset": "veryfast", "threads": "1"}
         else:  # mpeg4's default bit rate blurs small synthetic glyphs
             s.bit_rate = 4_000_000
         for img in frames:
