@@ -288,19 +288,24 @@ def test_load_all_answered_or_429_and_metrics_add_up(setup, capsys):
     assert server.get("/health")[0] == 200
 
 
-def test_a_client_that_goes_away_frees_its_slot(setup):
-    server = setup[0]
-    before = metrics(server.get("/metrics")[1])
+def open_stream(server, timeout: float):
+    """A raw streamed 500-token video request (its socket stays ours to close or read)."""
     body = {"model": "tiny", "messages": video_message("clip.mp4"), "frames": 4}
     body.update(max_tokens=500, stream=True)
-    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=timeout)
     conn.request(
         "POST",
         "/v1/chat/completions",
         json.dumps(body),
         {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"},
     )
-    response = conn.getresponse()
+    return conn, conn.getresponse()
+
+
+def test_a_client_that_goes_away_frees_its_slot(setup):
+    server = setup[0]
+    before = metrics(server.get("/metrics")[1])
+    conn, response = open_stream(server, timeout=60)
     assert response.status == 200
     while b'"content": "' not in (line := response.readline()) or b'"content": ""' in line:
         assert line, "the stream ended before any text"
@@ -383,16 +388,7 @@ def test_ui_streams_an_answer_in_headless_chromium(setup, capsys, tmp_path, monk
 def test_sigterm_drains_in_flight_requests_then_exits_0(setup):
     """Runs last: it stops the module's server."""
     server = setup[0]
-    body = {"model": "tiny", "messages": video_message("clip.mp4"), "frames": 4}
-    body.update(max_tokens=500, stream=True)
-    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=120)
-    conn.request(
-        "POST",
-        "/v1/chat/completions",
-        json.dumps(body),
-        {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"},
-    )
-    response = conn.getresponse()
+    conn, response = open_stream(server, timeout=120)
     assert response.status == 200
     events = [response.readline()]
     server.proc.send_signal(signal.SIGTERM)  # while the answer is being generated
