@@ -27,6 +27,7 @@ from jax.sharding import Mesh
 import longvila_jax.infer.prompts as prompts
 from longvila_jax.data.text import IMAGE_TOKEN
 from longvila_jax.data.video import decode_video
+from longvila_jax.infer.answer_text import AnswerText
 from longvila_jax.infer.chat_format import ChatFormat, chat_format
 from longvila_jax.infer.engine import TokenGenerator
 from longvila_jax.infer.frames import decode_inference_frames
@@ -222,8 +223,7 @@ class Generator(TokenGenerator):
         stats.num_frames = n
         stats.prompt_tokens = len(ids) + n * (self.cfg.tokens_per_frame - 1)
         start = time.perf_counter()
-        out: list[int] = []
-        emitted = ""
+        answer = AnswerText(self.tokenizer)  # no stop strings: stop ids end the loop
         steps = self.iter_tokens([ids], pixels, [n], sampling=sampling, stop_ids=stops)
         for k, (tokens, _) in enumerate(steps):
             now = time.perf_counter()
@@ -237,15 +237,7 @@ class Generator(TokenGenerator):
                 stats.finish_reason = "stop"
                 yield token, ""
                 return
-            out.append(token)
-            # Decode the whole answer each time: a token may complete a multi-byte character.
-            text = self.tokenizer.decode(out, skip_special_tokens=True)
-            if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for more bytes
-                yield token, ""
-                continue
-            delta = text[len(emitted) :] if text.startswith(emitted) else text
-            emitted = text
-            yield token, delta
+            yield token, answer.add(token)
 
     def teacher_forced(
         self,

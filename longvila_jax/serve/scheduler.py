@@ -29,10 +29,10 @@ from collections.abc import Callable
 
 import numpy as np
 
+from longvila_jax.infer.answer_text import AnswerText
 from longvila_jax.infer.sampling import SamplingParams
 from longvila_jax.serve.errors import APIError
 from longvila_jax.serve.metrics import Metrics
-from longvila_jax.serve.text import AnswerText
 
 
 @dataclasses.dataclass(eq=False)

@@ -9,10 +9,10 @@ import json
 
 import pytest
 
+from longvila_jax.infer.answer_text import AnswerText
 from longvila_jax.serve.errors import APIError
 from longvila_jax.serve.limits import Limits
 from longvila_jax.serve.request import parse_body
-from longvila_jax.serve.text import AnswerText
 
 LIMITS = Limits(max_new_tokens=200)
 VIDEO = "data:video/mp4;base64," + base64.b64encode(b"\x00\x00\x00 ftypisom").decode()

@@ -1,10 +1,11 @@
 """One answer's text as its tokens arrive: incremental detokenisation and stop strings.
 
-The text is the tokenizer's decoding of all tokens so far (as ``infer.Generator`` streams it:
-a token may complete a multi-byte character, so the whole answer is decoded each time and only
-the new suffix is emitted). OpenAI's ``stop`` strings end the answer where one first appears,
-and the returned text excludes it; to stream that exactly, the last ``len(stop) - 1``
-characters are held back until they can no longer begin a stop string.
+The text is the tokenizer's decoding of all tokens so far (a token may complete a multi-byte
+character, so the whole answer is decoded each time and only the new suffix is emitted). Both
+``infer.Generator`` and the server's scheduler stream through it, so they send the same text.
+OpenAI's ``stop`` strings end the answer where one first appears, and the returned text
+excludes it; to stream that exactly, the last ``len(stop) - 1`` characters are held back until
+they can no longer begin a stop string.
 """
 
 from __future__ import annotations
