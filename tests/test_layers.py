@@ -23,7 +23,19 @@ ALLOWED = {
     "train": {"core", "config", "parallel", "models", "data", "ckpt", "train"},
     "plan": {"core", "config", "parallel", "models", "data", "ckpt", "train", "plan"},
     "infer": {"core", "config", "parallel", "models", "data", "ckpt", "infer"},
-    "eval": {"core", "config", "parallel", "models", "data", "ckpt", "infer", "eval"},
+    "backends": {"core", "config", "parallel", "models", "data", "ckpt", "infer", "backends"},
+    "eval": {"core", "config", "parallel", "models", "data", "ckpt", "infer", "backends", "eval"},
+    "longvideo": {
+        "core",
+        "config",
+        "parallel",
+        "models",
+        "data",
+        "ckpt",
+        "infer",
+        "backends",
+        "longvideo",
+    },
     "serve": {"core", "config", "parallel", "models", "data", "ckpt", "infer", "serve"},
 }
 

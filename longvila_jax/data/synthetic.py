@@ -17,6 +17,10 @@ Writes, in a few seconds on one core and without downloading anything:
   long (stage 3's short-video curriculum).
 - ``interleaved.jsonl``: image-text documents; ``text.jsonl``: fixed-length pre-tokenised text.
 - ``data.yaml``: a ``DataConfig`` mixing the training manifests, with ``root`` = OUT_DIR.
+- ``longvideos/`` + ``longvideos.json``: long videos of known scenes (colours, digits, moving
+  squares) with ground-truth sidecars (``synthetic_long``), the long-video data engine's and
+  the caption benchmark's input; written last from their own random stream, so the files above
+  are the same with or without them.
 
 Answers are visible in the frames: large flat digits and background colours (``glyphs``).
 """
@@ -34,6 +38,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from longvila_jax.data.glyphs import COLOURS, render_number
+from longvila_jax.data.synthetic_long import generate_long
 from longvila_jax.data.text import LLAMA3_SYSTEM, QWEN2_SYSTEM, QWEN2_TEMPLATE
 from longvila_jax.data.video import write_video
 
@@ -150,6 +155,7 @@ def generate(
     needle_frames: int = 32,
     digits: int = 1,
     n_short_needles: int = 4,
+    n_long: int = 2,
 ):
     """Writes the corpus under ``out`` (see the module docstring).
 
@@ -162,6 +168,7 @@ def generate(
       needle_frames: frames (= seconds at 1 fps) per needle video.
       n_short_needles: needle clips of ``needle_frames // 4`` frames (``needle_short.jsonl``),
         the short-video curriculum of stage 3.
+      n_long: long videos with ground truth (``synthetic_long.generate_long``; 0: none).
       digits: digits of every number shown (images, videos, needle secrets); 1 or 2 fit the
         64 px frames of the tiny model, which learns to read one digit per frame quickly.
     """
@@ -253,6 +260,7 @@ def generate(
     _write_jsonl(out / "needle_short.jsonl", needles["short"])
     _write_jsonl(out / "text.jsonl", long_text)
     _write_data_yaml(out, size)
+    generate_long(out, seed, n_long, size)
 
 
 def _write_data_yaml(out: Path, size: int) -> None:
@@ -291,6 +299,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--needle-frames", type=int, default=32)
     p.add_argument("--short-needles", type=int, default=4, help="short needle clips")
     p.add_argument("--digits", type=int, default=1, choices=(1, 2))
+    p.add_argument("--long-videos", type=int, default=2, help="long videos with ground truth")
     a = p.parse_args(argv)
     t = time.perf_counter()
     generate(
@@ -303,6 +312,7 @@ def main(argv: list[str] | None = None) -> None:
         a.needle_frames,
         a.digits,
         a.short_needles,
+        a.long_videos,
     )
     print(f"wrote synthetic corpus to {a.out_dir} in {time.perf_counter() - t:.1f} s")
 
