@@ -132,14 +132,10 @@ def test_document_supervision(tokenizer):
     assert enc.input_ids[-1] == tokenizer.eos_token_id
 
 
-def test_synthetic_corpus_is_deterministic_and_fast(tmp_path):
-    import time
-
+def test_synthetic_corpus_is_deterministic(tmp_path):
     from longvila_jax.data.synthetic import generate
 
-    t = time.perf_counter()
     generate(tmp_path / "a", seed=7, size=32, n_images=4, n_videos=2)
-    assert time.perf_counter() - t < 30
     generate(tmp_path / "b", seed=7, size=32, n_images=4, n_videos=2)
     files = sorted(
         p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file()
