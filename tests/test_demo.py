@@ -21,7 +21,7 @@ SMALL = {"n_images": 8, "n_videos": 4, "n_needles": (8, 3), "needle_frames": 32}
 def test_demo_runs_all_stages_and_evaluations(tmp_path, monkeypatch):
     # A relative work directory, as in the README command (Orbax refuses relative paths).
     monkeypatch.chdir(tmp_path)
-    summary = demo.run(Path("demo"), steps_scale=0.01, corpus=SMALL, vniah_needles=2)
+    summary = demo.run(Path("demo"), steps_scale=0.003, corpus=SMALL, vniah_needles=2)
     out = tmp_path / "demo"
     assert set(summary["stages"]) == set(demo.STAGES)
     for name in demo.STAGES:
